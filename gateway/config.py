@@ -1,0 +1,1343 @@
+"""Load and validate gateway.yaml and users.yaml into frozen dataclasses.
+
+Admins edit these files by hand and users.yaml is live-reloaded, so every problem must be
+reported as ``file:line: field: message`` and a bad file must never half-apply. We therefore
+compose the YAML into nodes (keeping line numbers), walk them ourselves (PyYAML silently
+keeps the last of duplicate keys; we reject them) and build new immutable objects; the
+caller swaps the whole object in only when loading succeeded.
+"""
+
+from __future__ import annotations
+
+import binascii
+import difflib
+import enum
+import fnmatch
+import hashlib
+import ipaddress
+import math
+import os
+import re
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from datetime import UTC, datetime
+from decimal import Decimal
+from pathlib import Path
+from types import MappingProxyType
+from typing import Any, Literal
+
+import yaml
+from asyncssh import SSHKey
+from asyncssh.auth_keys import _SSHAuthorizedKeyEntry
+from asyncssh.misc import OptionsParser
+from asyncssh.pattern import HostPatternList
+from asyncssh.public_key import (
+    KeyImportError,
+    get_certificate_algs,
+    get_public_key_algs,
+    import_public_key,
+)
+from passlib.context import CryptContext
+from passlib.exc import MissingBackendError
+from yaml.constructor import ConstructorError, SafeConstructor
+
+__all__ = [
+    "INHERIT",
+    "Address",
+    "AuthorizedKey",
+    "ConfigError",
+    "ConfigErrors",
+    "ForwardRule",
+    "GatewayConfig",
+    "Inherit",
+    "User",
+    "UserDefaults",
+    "UsersConfig",
+    "load_gateway_config",
+    "load_users",
+    "parse_address",
+    "parse_authorized_key",
+    "parse_duration",
+    "parse_gateway_config",
+    "parse_size",
+    "parse_users",
+]
+
+# --------------------------------------------------------------------------------------------
+# Errors
+
+
+class ConfigError(Exception):
+    """A config problem, located precisely enough that an admin can fix it without guessing."""
+
+    def __init__(
+        self, path: str | os.PathLike[str] | None, line: int | None, field: str | None,
+        message: str,
+    ) -> None:
+        self.path = None if path is None else str(path)
+        self.line = line
+        self.field = field
+        self.message = message
+        super().__init__(str(self))
+
+    def __str__(self) -> str:
+        where = ""
+        if self.path is not None:
+            where = self.path if self.line is None else f"{self.path}:{self.line}"
+        elif self.line is not None:
+            where = f"line {self.line}"
+        parts = [p for p in (where, self.field) if p]
+        return ": ".join([*parts, self.message])
+
+
+class ConfigErrors(ConfigError):
+    """Several problems at once, so one reload attempt shows the admin everything to fix.
+
+    Its own path/line/field/message are those of the first (earliest) error.
+    """
+
+    def __init__(self, errors: Sequence[ConfigError]) -> None:
+        if not errors:
+            raise ValueError("ConfigErrors needs at least one error")
+        self.errors = tuple(errors)
+        first = self.errors[0]
+        super().__init__(first.path, first.line, first.field, first.message)
+
+    def __str__(self) -> str:
+        return "\n".join(ConfigError.__str__(e) for e in self.errors)
+
+
+# --------------------------------------------------------------------------------------------
+# Scalar parsers (plain ValueError; the loaders attach file/line/field)
+
+_SIZE_RE = re.compile(r"(\d+(?:\.\d+)?)\s*([kmgt]?)(?:i?b)?", re.IGNORECASE)
+_DURATION_RE = re.compile(r"(?:\d+(?:\.\d+)?[smhd])+")
+_DURATION_PART_RE = re.compile(r"(\d+(?:\.\d+)?)([smhd])")
+_DURATION_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+_HOSTNAME_RE = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9.-]{0,251}[A-Za-z0-9])?")
+
+
+def parse_size(value: object) -> int:
+    """Turn ``4g``/``512m``/``1.5g``/``1024k``/bytes into bytes, with binary (1024) units.
+
+    Binary units match what Docker means by ``--memory 4g``.
+    """
+    if isinstance(value, bool) or not isinstance(value, (int, str)):
+        raise ValueError(f"must be a size like 4g, 512m or a number of bytes, not {value!r}")
+    if isinstance(value, int):
+        if value <= 0:
+            raise ValueError(f"must be greater than zero, not {value}")
+        return value
+    text = value.strip()
+    if text.startswith("-"):
+        raise ValueError(f"must be greater than zero, not {value!r}")
+    m = _SIZE_RE.fullmatch(text)
+    if not m:
+        raise ValueError(f"{value!r} is not a size; use e.g. 4g, 512m, 1.5g, 1024k or bytes")
+    number, unit = m.groups()
+    factor = 1024 ** " kmgt".index(unit.lower() or " ")
+    result = int(Decimal(number) * factor)
+    if result <= 0:
+        raise ValueError(f"must be greater than zero, not {value!r}")
+    return result
+
+
+def parse_duration(value: object, *, allow_never: bool = True) -> float | None:
+    """Turn seconds or ``30s``/``15m``/``2h``/``1d``/``1h30m`` into seconds; ``never`` → None."""
+    hint = "use seconds or e.g. 30s, 15m, 2h, 1d" + (", or never" if allow_never else "")
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+        raise ValueError(f"must be a duration ({hint}), not {value!r}")
+    if isinstance(value, str):
+        text = value.strip().lower()
+        if text == "never":
+            if not allow_never:
+                raise ValueError("'never' is not allowed here; give a duration")
+            return None
+        if text.startswith("-"):
+            raise ValueError(f"must be greater than zero, not {value!r}")
+        if re.fullmatch(r"\d+(?:\.\d+)?", text):
+            seconds = float(text)
+        elif _DURATION_RE.fullmatch(text):
+            seconds = sum(
+                float(n) * _DURATION_UNITS[u] for n, u in _DURATION_PART_RE.findall(text)
+            )
+        else:
+            raise ValueError(f"{value!r} is not a duration; {hint}")
+    else:
+        seconds = float(value)
+    if not math.isfinite(seconds) or seconds <= 0:
+        raise ValueError(f"must be greater than zero, not {value!r}")
+    return seconds
+
+
+@dataclass(frozen=True)
+class Address:
+    """A host and port to listen on; ``str()`` gives it back in ``host:port`` form."""
+
+    host: str
+    port: int
+
+    def __str__(self) -> str:
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+
+def _parse_port(text: str, *, allow_zero: bool) -> int:
+    if not text.isdigit():
+        raise ValueError(f"port {text!r} is not a number")
+    port = int(text)
+    low = 0 if allow_zero else 1
+    if not low <= port <= 65535:
+        raise ValueError(f"port {port} is out of range ({low}-65535)")
+    return port
+
+
+def _split_host_port(value: str, example: str = "0.0.0.0:2222") -> tuple[str, str]:
+    if value.startswith("["):
+        host, sep, rest = value[1:].partition("]")
+        if not sep or not rest.startswith(":"):
+            raise ValueError(f"{value!r} must look like [::1]:2222")
+        return host, rest[1:]
+    host, sep, port = value.rpartition(":")
+    if not sep:
+        raise ValueError(f"{value!r} has no port; write host:port, e.g. {example}")
+    if ":" in host:
+        raise ValueError(f"IPv6 addresses need brackets, e.g. [{host}]:{port}")
+    return host, port
+
+
+def parse_address(value: object, *, allow_port_zero: bool = True) -> Address:
+    """Parse ``host:port`` or ``[v6addr]:port``; port 0 (any free port) is handy in tests."""
+    if not isinstance(value, str):
+        raise ValueError(f"must be a quoted 'host:port' string, not {value!r}")
+    host, port_text = _split_host_port(value.strip())
+    port = _parse_port(port_text, allow_zero=allow_port_zero)
+    if not host:
+        raise ValueError(f"{value!r} has no host; use 0.0.0.0 or [::] for all addresses")
+    if value.strip().startswith("["):
+        try:
+            ipaddress.IPv6Address(host)
+        except ValueError:
+            raise ValueError(f"{host!r} is not an IPv6 address") from None
+    elif not _HOSTNAME_RE.fullmatch(host):
+        raise ValueError(f"{host!r} is not a valid host name or address")
+    return Address(host, port)
+
+
+# --------------------------------------------------------------------------------------------
+# YAML → located tree
+
+
+@dataclass
+class _Node:
+    """A YAML value plus where it came from; mappings/sequences hold child _Nodes."""
+
+    kind: Literal["scalar", "seq", "map"]
+    value: Any
+    line: int | None
+    key_line: int | None = None
+    invalid: bool = False  # already reported (bad tag, recursive alias): skip it
+    raw: str | None = None  # scalar source text, so `banner: yes` can still mean the string
+    origin: str | None = None  # set when the value came from overrides, not the file
+
+    @property
+    def where(self) -> int | None:
+        """Line to blame: the value for scalars, the key for empty values and collections."""
+        if self.kind == "scalar" and self.value is not None and self.line is not None:
+            return self.line
+        return self.key_line if self.key_line is not None else self.line
+
+
+class _Errors:
+    """Collects problems so one load reports all of them, earliest first."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self.items: list[ConfigError] = []
+
+    def add(self, where: _Node | int | None, field: str | None, message: str) -> None:
+        path = self.path
+        if isinstance(where, _Node):
+            path = where.origin or self.path
+            where = where.where
+        self.items.append(ConfigError(path, where, field, message))
+
+    def check(self) -> None:
+        if not self.items:
+            return
+        items = sorted(self.items, key=lambda e: (e.line is None, e.line or 0))
+        raise items[0] if len(items) == 1 else ConfigErrors(items)
+
+
+_BAD = object()  # a converter returns this after recording an error
+_STD_TAG = "tag:yaml.org,2002:"
+_KEY_LINE_RE = re.compile(r"^(\s*)(?:-\s+)?([\w.-]+|\"[^\"]*\"|'[^']*')\s*:(?:\s|$)")
+
+
+def _dotted(prefix: str, name: str) -> str:
+    return f"{prefix}.{name}" if prefix else name
+
+
+def _field_near(text: str, line: int) -> str | None:
+    """Best guess of the dotted field around a YAML syntax error, from indentation."""
+    lines = text.splitlines()
+    path: list[str] = []
+    indent: int | None = None
+    for i in range(min(line, len(lines)) - 1, -1, -1):
+        m = _KEY_LINE_RE.match(lines[i].expandtabs(8))
+        if not m:
+            continue
+        depth = len(m.group(1))
+        if indent is None or depth < indent:
+            path.append(m.group(2).strip("\"'"))
+            indent = depth
+            if depth == 0:
+                break
+    return ".".join(reversed(path)) or None
+
+
+def _compose(text: str, errs: _Errors) -> yaml.Node | None:
+    try:
+        return yaml.compose(text, Loader=yaml.SafeLoader)
+    except yaml.MarkedYAMLError as exc:
+        problem, context = exc.problem or "", exc.context or ""
+        mark = exc.problem_mark or exc.context_mark
+        if "end of stream" in problem and exc.context_mark:
+            mark = exc.context_mark  # e.g. an unclosed quote: blame where it was opened
+        line = mark.line + 1 if mark else None
+        ctx_line = exc.context_mark.line + 1 if exc.context_mark else None
+        if context and ctx_line is not None and ctx_line != line:
+            context += f" (line {ctx_line})"
+        if problem.startswith("but "):
+            detail = f"{context}, {problem}"
+        else:
+            detail = f"{problem} ({context})" if context and problem else problem or context
+        message = f"YAML syntax error: {detail}"
+        if "\\t" in problem or "\t" in problem:
+            message += "; YAML does not allow tabs for indentation, use spaces"
+        errs.add(line, _field_near(text, line) if line else None, message)
+    except yaml.YAMLError as exc:
+        errs.add(None, None, f"YAML error: {exc}")
+    return None
+
+
+def _tree(node: yaml.Node, field: str, errs: _Errors, active: set[int]) -> _Node:
+    """Convert a composed node, rejecting duplicate keys, odd tags and recursive aliases."""
+    line = node.start_mark.line + 1
+    if id(node) in active:
+        errs.add(line, field, "recursive YAML alias")
+        return _Node("scalar", None, line, invalid=True)
+    if isinstance(node, yaml.ScalarNode):
+        try:
+            value = SafeConstructor().construct_object(node, deep=True)
+        except ConstructorError:
+            errs.add(line, field, f"YAML tag {_short_tag(node.tag)} is not allowed here")
+            return _Node("scalar", None, line, invalid=True)
+        return _Node("scalar", value, line, raw=node.value)
+    if node.tag not in (_STD_TAG + "seq", _STD_TAG + "map"):
+        errs.add(line, field, f"YAML tag {_short_tag(node.tag)} is not allowed here")
+    active.add(id(node))
+    try:
+        if isinstance(node, yaml.SequenceNode):
+            items = [_tree(n, f"{field}[{i}]", errs, active) for i, n in enumerate(node.value)]
+            return _Node("seq", items, line)
+        entries: dict[str, _Node] = {}
+        what = "user" if field == "users" else "key"
+        for key_node, value_node in node.value:
+            key_line = key_node.start_mark.line + 1
+            if not isinstance(key_node, yaml.ScalarNode) or key_node.value == "":
+                errs.add(key_line, field or None, "mapping keys must be plain names")
+                continue
+            name = key_node.value
+            sub = _dotted(field, name)
+            if key_node.tag == _STD_TAG + "merge":
+                errs.add(key_line, sub, "YAML merge keys (<<) are not supported")
+                continue
+            if name in entries:
+                first = entries[name].key_line
+                errs.add(key_line, sub,
+                         f"duplicate {what} {name!r} on lines {first} and {key_line}")
+                continue
+            child = _tree(value_node, sub, errs, active)
+            child.key_line = key_line
+            entries[name] = child
+        return _Node("map", entries, line)
+    finally:
+        active.discard(id(node))
+
+
+def _short_tag(tag: str) -> str:
+    return "!!" + tag[len(_STD_TAG):] if tag.startswith(_STD_TAG) else tag
+
+
+def _from_python(value: Any, origin: str) -> _Node:
+    """Wrap override values (e.g. from CLI flags) so they go through the same validation."""
+    if isinstance(value, Mapping):
+        return _Node("map", {str(k): _from_python(v, origin) for k, v in value.items()},
+                     None, origin=origin)
+    if isinstance(value, (list, tuple)):
+        return _Node("seq", [_from_python(v, origin) for v in value], None, origin=origin)
+    if isinstance(value, os.PathLike):
+        value = os.fspath(value)
+    return _Node("scalar", value, None, raw=value if isinstance(value, str) else None,
+                 origin=origin)
+
+
+def _read_text(path: Path) -> tuple[bytes, int | None]:
+    try:
+        mtime = path.stat().st_mtime_ns
+        return path.read_bytes(), mtime
+    except OSError as exc:
+        raise ConfigError(str(path), None, None, f"cannot read file: {exc.strerror}") from None
+
+
+def _decode(data: bytes, path: str) -> str:
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        line = data[: exc.start].count(b"\n") + 1
+        raise ConfigError(path, line, None, "file is not valid UTF-8") from None
+
+
+def _parse_tree(text: str, errs: _Errors) -> _Node | None:
+    node = _compose(text, errs)
+    errs.check()
+    return None if node is None else _tree(node, "", errs, set())
+
+
+# --------------------------------------------------------------------------------------------
+# Field converters: (node, field, errs) -> value, or _BAD after recording an error
+
+Converter = Callable[[_Node, str, _Errors], Any]
+
+
+def _expect_scalar(node: _Node, field: str, errs: _Errors, what: str) -> bool:
+    if node.kind != "scalar":
+        kind = "list" if node.kind == "seq" else "mapping"
+        errs.add(node, field, f"must be {what}, not a {kind}")
+        return False
+    return True
+
+
+def _string(*, nullable: bool = False, check: Callable[[str], None] | None = None) -> Converter:
+    def convert(node: _Node, field: str, errs: _Errors) -> Any:
+        if not _expect_scalar(node, field, errs, "a string"):
+            return _BAD
+        if node.value is None:
+            if nullable:
+                return None
+            errs.add(node, field, "must not be empty")
+            return _BAD
+        text = node.value if isinstance(node.value, str) else node.raw
+        if text is None:
+            errs.add(node, field, f"must be a string, not {node.value!r}")
+            return _BAD
+        if check is not None:
+            try:
+                check(text)
+            except ValueError as exc:
+                errs.add(node, field, str(exc))
+                return _BAD
+        return text
+
+    return convert
+
+
+def _choice(choices: Sequence[str]) -> Converter:
+    def check(text: str) -> None:
+        if text not in choices:
+            raise ValueError(f"{text!r} is not one of: {', '.join(choices)}")
+
+    return _string(check=check)
+
+
+def _parsed(parse: Callable[[Any], Any], *, what: str, nullable: bool = False) -> Converter:
+    def convert(node: _Node, field: str, errs: _Errors) -> Any:
+        if not _expect_scalar(node, field, errs, what):
+            return _BAD
+        if node.value is None:
+            if nullable:
+                return None
+            errs.add(node, field, f"must not be empty; give {what}")
+            return _BAD
+        try:
+            return parse(node.value)
+        except ValueError as exc:
+            errs.add(node, field, str(exc))
+            return _BAD
+
+    return convert
+
+
+def _boolean(node: _Node, field: str, errs: _Errors) -> Any:
+    if node.kind == "scalar" and isinstance(node.value, bool):
+        return node.value
+    errs.add(node, field, f"must be true or false, not {node.raw if node.raw else node.value!r}")
+    return _BAD
+
+
+def _int_value(minimum: int) -> Callable[[Any], int]:
+    def parse(value: Any) -> int:
+        if isinstance(value, str) and value.strip().lstrip("-").isdigit():
+            value = int(value)
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ValueError(f"must be a whole number, not {value!r}")
+        if value < minimum:
+            raise ValueError(f"must be at least {minimum}, not {value}")
+        return value
+
+    return parse
+
+
+def _unlimited(parse: Callable[[Any], Any]) -> Callable[[Any], Any]:
+    """Allow the word ``unlimited`` so one user can lift a limit set in ``defaults``."""
+
+    def wrapped(value: Any) -> Any:
+        if isinstance(value, str) and value.strip().lower() == "unlimited":
+            return None
+        return parse(value)
+
+    return wrapped
+
+
+def _cpus_value(value: Any) -> float:
+    if isinstance(value, str):
+        try:
+            value = float(value)
+        except ValueError:
+            raise ValueError(f"{value!r} is not a number of CPUs (e.g. 2 or 0.5)") from None
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"must be a number of CPUs (e.g. 2 or 0.5), not {value!r}")
+    if not math.isfinite(value):
+        raise ValueError(f"must be a finite number, not {value}")
+    if value <= 0:
+        raise ValueError(f"must be greater than zero, not {value}")
+    return float(value)
+
+
+MIN_MEMORY = 6 * 2**20  # Docker refuses smaller memory limits
+
+
+def _memory_value(value: Any) -> int:
+    size = parse_size(value)
+    if size < MIN_MEMORY:
+        raise ValueError(f"{value!r} is too small; Docker needs at least 6m ({MIN_MEMORY} bytes)")
+    return size
+
+
+def _non_blank(text: str) -> None:
+    if not text.strip():
+        raise ValueError("must not be blank")
+
+
+def _absolute_path(text: str) -> None:
+    if not text.startswith("/") or any(c in text for c in "\0\n\r"):
+        raise ValueError(f"must be an absolute path like /bin/bash, not {text!r}")
+
+
+def _read_mapping(
+    node: _Node, prefix: str, spec: Mapping[str, Converter], errs: _Errors,
+    forbidden: Mapping[str, str] | None = None,
+) -> dict[str, Any] | None:
+    """Convert a mapping's known fields; unknown ones are errors that list the allowed names."""
+    if node.kind != "map":
+        if prefix:
+            errs.add(node, prefix, "must be a mapping of field: value")
+        return None
+    out: dict[str, Any] = {}
+    for name, child in node.value.items():
+        field_name = _dotted(prefix, name)
+        if child.invalid:
+            continue
+        if forbidden and name in forbidden:
+            errs.add(child.key_line if child.key_line else child, field_name, forbidden[name])
+            continue
+        convert = spec.get(name)
+        if convert is None:
+            close = difflib.get_close_matches(name, list(spec), n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            errs.add(child.key_line if child.key_line else child, field_name,
+                     f"unknown field {name!r}{hint}; allowed: {', '.join(sorted(spec))}")
+            continue
+        value = convert(child, field_name, errs)
+        if value is not _BAD:
+            out[name] = value
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# authorized_keys lines
+
+_FLAG_OPTIONS = frozenset({
+    "restrict", "pty", "no-pty", "port-forwarding", "no-port-forwarding",
+    "agent-forwarding", "no-agent-forwarding", "x11-forwarding", "no-x11-forwarding",
+    "user-rc", "no-user-rc", "no-touch-required", "verify-required",
+})
+_VALUE_OPTIONS = frozenset({"command", "environment", "expiry-time", "from", "permitlisten",
+                            "permitopen"})
+_UNSUPPORTED_OPTIONS = {
+    "cert-authority": "certificate authorities are not supported; list plain public keys",
+    "principals": "principals= only applies to cert-authority, which is not supported",
+    "tunnel": "tun device forwarding is not supported",
+}
+_ENV_NAME_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+_EXPIRY_RE = re.compile(r"(\d{8}|\d{12}|\d{14})Z?")
+
+
+def _algorithms(algs: list[bytes]) -> frozenset[str]:
+    return frozenset(a.decode() for a in algs)
+
+
+_KEY_TYPES = _algorithms(get_public_key_algs())
+_CERT_TYPES = _algorithms(get_certificate_algs())
+
+
+def _parse_expiry(value: str) -> datetime:
+    """OpenSSH's ``YYYYMMDD[HHMM[SS]][Z]``, always taken as UTC so the host's TZ can't matter."""
+    if not _EXPIRY_RE.fullmatch(value):
+        raise ValueError(f'expiry-time="{value}" must be YYYYMMDD, YYYYMMDDHHMM or '
+                         "YYYYMMDDHHMMSS (UTC)")
+    digits = value.rstrip("Z").ljust(14, "0")
+    try:
+        return datetime.strptime(digits, "%Y%m%d%H%M%S").replace(tzinfo=UTC)
+    except ValueError:
+        raise ValueError(f'expiry-time="{value}" is not a real date/time') from None
+
+
+def _check_from(value: str) -> None:
+    patterns = value.split(",")
+    if any(not p.lstrip("!") for p in patterns):
+        raise ValueError(f'from="{value}" has an empty pattern')
+    for pattern in patterns:
+        pattern = pattern.lstrip("!")
+        if "/" not in pattern:
+            continue
+        try:
+            ipaddress.ip_network(pattern)
+        except ValueError:
+            try:
+                net = ipaddress.ip_network(pattern, strict=False)
+            except ValueError:
+                raise ValueError(f"from= pattern {pattern!r} is not a valid CIDR block") from None
+            # asyncssh would silently treat it as a wildcard that never matches
+            raise ValueError(f"from= pattern {pattern!r} has host bits set; did you mean "
+                             f"{net}?") from None
+    if all(p.startswith("!") for p in patterns):
+        raise ValueError(f'from="{value}" only has negated patterns, so it matches nobody; '
+                         "add a positive pattern, e.g. from=\"*,!1.2.3.4\"")
+
+
+def _check_permitopen(value: str) -> None:
+    host, _, port = value.rpartition(":")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    if not host:
+        raise ValueError(f'permitopen="{value}" must be host:port')
+    if port != "*":
+        _parse_port(port, allow_zero=False)
+
+
+def _diagnose_key(text: str) -> str:
+    """Say why a ``type base64 [comment]`` part did not import (asyncssh's text is vague)."""
+    parts = text.split()
+    if not parts:
+        return "no public key after the options"
+    kind = parts[0]
+    if kind in _CERT_TYPES:
+        return "OpenSSH certificates are not supported; list the plain public key"
+    if kind not in _KEY_TYPES:
+        return (f"{kind!r} is not a public key type; expected a line like "
+                "'[options] ssh-ed25519 AAAA... comment'")
+    if len(parts) < 2:
+        return f"missing the base64 key data after {kind!r}"
+    try:
+        blob = binascii.a2b_base64(parts[1].encode(), strict_mode=True)
+    except (binascii.Error, ValueError):
+        return "the key data is not valid base64 (was the line cut or wrapped?)"
+    size = int.from_bytes(blob[:4], "big")
+    inner = blob[4:4 + size].decode("ascii", "replace") if len(blob) >= 4 + size else ""
+    if inner and inner != kind:
+        return f"the key data holds a {inner} key but the line says {kind}"
+    try:
+        import_public_key(f"{kind} {parts[1]}")
+    except KeyImportError as exc:
+        return f"invalid {kind} key data ({exc}); is it truncated? copy the whole .pub line"
+    return "unrecognized key line"
+
+
+def _options_end(text: str) -> int:
+    """Index where the options prefix ends: the first unquoted, unescaped blank."""
+    quoted = escaped = False
+    for i, ch in enumerate(text):
+        if escaped:
+            escaped = False
+        elif ch == "\\":
+            escaped = True
+        elif ch == '"':
+            quoted = not quoted
+        elif ch in " \t" and not quoted:
+            return i
+    return len(text)
+
+
+def _key_part(text: str) -> tuple[dict[str, Any], str]:
+    """Split a line into raw options (values as written) and the key part, like OpenSSH."""
+    if text.split(None, 1)[0] in _KEY_TYPES | _CERT_TYPES:
+        return {}, text
+    end = _options_end(text)
+    parser = OptionsParser()
+    parser._parse_options(text[:end])  # asyncssh's own tokenizer, but keeping raw values
+    return parser.options, text[end:].strip()
+
+
+@dataclass(frozen=True)
+class AuthorizedKey:
+    """One authorized_keys line, parsed; helpers answer what the key's options allow.
+
+    ``options`` is asyncssh's own parse (``from`` holds asyncssh HostPatternList objects,
+    ``permitopen`` a set of (host, port|None), ``environment`` a dict). asyncssh does not
+    enforce ``restrict`` or ``expiry-time``, so use the properties here rather than raw options.
+    """
+
+    text: str
+    line: int | None
+    key: SSHKey
+    fingerprint: str
+    comment: str | None
+    options: Mapping[str, Any]
+    expires_at: datetime | None
+    restrict: bool
+
+    def _allows(self, what: str) -> bool:
+        # A "no-" flag always wins; with restrict, only an explicit re-enable allows it.
+        if self.options.get(f"no-{what}"):
+            return False
+        return not self.restrict or bool(self.options.get(what))
+
+    @property
+    def allows_pty(self) -> bool:
+        """Whether this key may request a terminal."""
+        return self._allows("pty")
+
+    @property
+    def allows_port_forwarding(self) -> bool:
+        """Whether this key may use ``ssh -L`` at all (see also ``permitopen``)."""
+        return self._allows("port-forwarding")
+
+    @property
+    def forced_command(self) -> str | None:
+        """The ``command=`` to run instead of whatever the client asked for."""
+        command = self.options.get("command")
+        return command if isinstance(command, str) else None
+
+    @property
+    def environment(self) -> dict[str, str]:
+        """Variables from ``environment=`` options."""
+        return dict(self.options.get("environment") or {})
+
+    @property
+    def permitopen(self) -> list[tuple[str, int | None]] | None:
+        """Allowed ``ssh -L`` destinations (port None means any); None means no restriction."""
+        opens = self.options.get("permitopen")
+        if opens is None:
+            return None
+        return sorted(opens, key=lambda hp: (hp[0], -1 if hp[1] is None else hp[1]))
+
+    @property
+    def from_patterns(self) -> tuple[str, ...]:
+        """The ``from=`` values as written (all of them must match)."""
+        raw, _ = _key_part(self.text)
+        return tuple(raw.get("from", ()))
+
+    def is_expired(self, now: datetime | None = None) -> bool:
+        """Whether ``expiry-time`` has passed; a naive ``now`` is taken as UTC."""
+        if self.expires_at is None:
+            return False
+        now = now or datetime.now(UTC)
+        if now.tzinfo is None:
+            now = now.replace(tzinfo=UTC)
+        return now >= self.expires_at
+
+    def matches_peer(self, ip: str) -> bool:
+        """Whether the client address satisfies ``from=`` (CIDR, wildcards, ``!negation``).
+
+        Host-name patterns never match: we do no reverse DNS (like OpenSSH's UseDNS=no).
+        """
+        patterns: list[HostPatternList] = self.options.get("from") or []
+        if not patterns:
+            return True
+        addr: ipaddress.IPv4Address | ipaddress.IPv6Address | None
+        try:
+            addr = ipaddress.ip_address(ip)
+        except ValueError:
+            addr = None
+        if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped:
+            addr = addr.ipv4_mapped  # dual-stack listeners report ::ffff:10.1.2.3
+        text = str(addr) if addr is not None else ip
+        return all(p.matches("", text, addr) for p in patterns)
+
+
+def parse_authorized_key(text: str, line: int | None = None) -> AuthorizedKey:
+    """Parse one authorized_keys line strictly; raise ValueError saying what is wrong.
+
+    Stricter than asyncssh (which accepts unknown options and skips bad lines) because a typo
+    like ``no-ptty`` must not silently grant a terminal.
+    """
+    text = text.strip()
+    if not text:
+        raise ValueError("empty key line")
+    if "\n" in text or "\r" in text:
+        raise ValueError("one key per list item; this entry spans several lines")
+    if text.startswith("#"):
+        raise ValueError("key line is a comment; delete it or use a YAML # comment")
+    try:
+        raw_options, key_text = _key_part(text)
+    except ValueError as exc:
+        raise ValueError(f"bad options: {exc}") from None
+    if not key_text or key_text.split()[0] not in _KEY_TYPES | _CERT_TYPES:
+        raise ValueError(_diagnose_key(key_text))  # not a key line at all: say so first
+    for name, value in raw_options.items():
+        if name in _UNSUPPORTED_OPTIONS:
+            raise ValueError(f"option {name!r}: {_UNSUPPORTED_OPTIONS[name]}")
+        if name.lower() != name and name.lower() in _FLAG_OPTIONS | _VALUE_OPTIONS:
+            raise ValueError(f"option {name!r} must be written in lower case "
+                             f"({name.lower()!r}): asyncssh matches option names exactly")
+        if name in _FLAG_OPTIONS:
+            if value is not True:
+                raise ValueError(f"option {name!r} takes no value")
+        elif name in _VALUE_OPTIONS:
+            if value is True:
+                raise ValueError(f'option {name!r} needs a value, e.g. {name}="..."')
+        else:
+            allowed = ", ".join(sorted(_FLAG_OPTIONS | _VALUE_OPTIONS))
+            raise ValueError(f"unknown option {name!r}; allowed: {allowed}")
+    if len(raw_options.get("command", ())) > 1:
+        raise ValueError("command= is given more than once")
+    for value in raw_options.get("from", ()):
+        _check_from(value)
+    for value in raw_options.get("permitopen", ()):
+        _check_permitopen(value)
+    for value in raw_options.get("environment", ()):
+        name = value.split("=", 1)[0]
+        if "=" not in value or not _ENV_NAME_RE.fullmatch(name):
+            raise ValueError(f'environment="{value}" must be NAME=value')
+    expiries = [_parse_expiry(v) for v in raw_options.get("expiry-time", ())]
+
+    try:
+        entry = _SSHAuthorizedKeyEntry(text)
+    except KeyImportError:
+        raise ValueError(_diagnose_key(key_text)) from None
+    except ValueError as exc:
+        raise ValueError(f"bad options: {exc}") from None
+    if entry.key is None:
+        raise ValueError("X.509 certificates and subjects are not supported; "
+                         "list a plain OpenSSH public key")
+    if entry.key.get_algorithm() == "ssh-dss":
+        raise ValueError("DSA (ssh-dss) keys are insecure and not accepted; use ssh-ed25519")
+    comment = entry.key.get_comment()
+    return AuthorizedKey(
+        text=text,
+        line=line,
+        key=entry.key,
+        fingerprint=entry.key.get_fingerprint(),
+        comment=comment,
+        options=MappingProxyType(dict(entry.options)),
+        expires_at=min(expiries) if expiries else None,  # earliest wins, as in OpenSSH
+        restrict=bool(entry.options.get("restrict")),
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# users.yaml
+
+
+class Inherit(enum.Enum):
+    """Marks a per-user setting that falls back to the gateway-wide value."""
+
+    INHERIT = "inherit"
+
+    def __repr__(self) -> str:
+        return "INHERIT"
+
+
+INHERIT = Inherit.INHERIT
+USER_NAME_RE = re.compile(r"[a-z_][a-z0-9_-]{0,31}")
+
+_PASSWORD_SCHEMES = ["bcrypt", "sha512_crypt", "sha256_crypt", "argon2"]
+_PASSWORD_CONTEXT = CryptContext(schemes=_PASSWORD_SCHEMES)
+_PLAINTEXT_MESSAGE = "password must be a hash made by `dind-gateway hash-password`, not plaintext"
+
+
+def _password_value(text: str) -> None:
+    scheme = _PASSWORD_CONTEXT.identify(text)
+    if scheme is None:
+        if text.startswith("$"):
+            raise ValueError(f"{_PLAINTEXT_MESSAGE} (unsupported hash type; accepted: "
+                             f"{', '.join(_PASSWORD_SCHEMES)})")
+        raise ValueError(_PLAINTEXT_MESSAGE)
+    try:
+        parsed = _PASSWORD_CONTEXT.handler(scheme).from_string(text)
+    except MissingBackendError:
+        return  # identify() already matched its format; verifying needs the backend later
+    except ValueError as exc:
+        raise ValueError(f"malformed {scheme} hash: {exc}") from None
+    if getattr(parsed, "checksum", "x") is None:
+        raise ValueError(f"incomplete {scheme} hash (salt/settings only, no checksum)")
+
+
+@dataclass(frozen=True)
+class UserDefaults:
+    """The ``defaults:`` block: limits applied to every user that does not set its own."""
+
+    cpus: float | None = None
+    memory: int | None = None
+    pids: int | None = None
+    disabled: bool = False
+    idle_timeout: float | None | Inherit = INHERIT
+    max_sessions: int | None = None
+    shell: str | None = None
+
+
+@dataclass(frozen=True)
+class User:
+    """One user's effective settings (own value, else ``defaults:``, else built-in).
+
+    ``cpus``/``memory``/``pids`` None mean unlimited. ``idle_timeout`` is seconds, None for
+    never, or INHERIT (use GatewayConfig.idle_timeout); ``max_sessions`` None means the
+    gateway default. Use ``effective_*`` to resolve those against a GatewayConfig.
+    """
+
+    name: str
+    keys: tuple[AuthorizedKey, ...] = ()
+    cpus: float | None = None
+    memory: int | None = None
+    pids: int | None = None
+    disabled: bool = False
+    password: str | None = None
+    idle_timeout: float | None | Inherit = INHERIT
+    max_sessions: int | None = None
+    shell: str | None = None
+    line: int | None = None
+
+    @property
+    def has_password_auth(self) -> bool:
+        """Whether a password hash is configured (password login possible)."""
+        return self.password is not None
+
+    @property
+    def can_log_in(self) -> bool:
+        """False for disabled users and users with neither keys nor a password."""
+        return not self.disabled and (bool(self.keys) or self.has_password_auth)
+
+    def effective_idle_timeout(self, gateway: GatewayConfig) -> float | None:
+        """Idle timeout in seconds for this user (None = never)."""
+        if self.idle_timeout is INHERIT:
+            return gateway.idle_timeout
+        return self.idle_timeout
+
+    def effective_max_sessions(self, gateway: GatewayConfig) -> int:
+        """Concurrent session limit for this user."""
+        return self.max_sessions if self.max_sessions is not None else gateway.max_sessions
+
+    def find_key(self, key: SSHKey, peer_ip: str, now: datetime | None = None,
+                 ) -> AuthorizedKey | None:
+        """First entry for this key that the peer may use now (from= and expiry-time)."""
+        for entry in self.keys:
+            if entry.key == key and entry.matches_peer(peer_ip) and not entry.is_expired(now):
+                return entry
+        return None
+
+
+@dataclass(frozen=True)
+class UsersConfig:
+    """A loaded users.yaml. ``digest`` (sha256 of the bytes) tells a reloader if it changed."""
+
+    path: Path | None
+    users: Mapping[str, User]
+    defaults: UserDefaults = field(default_factory=UserDefaults)
+    digest: str = ""
+    mtime_ns: int | None = None
+
+    def user(self, name: str) -> User | None:
+        """Look a user up by login name."""
+        return self.users.get(name)
+
+
+_LIMIT_SPEC: dict[str, Converter] = {
+    "cpus": _parsed(_unlimited(_cpus_value), what="a number of CPUs or 'unlimited'"),
+    "memory": _parsed(_unlimited(_memory_value), what="a size like 4g or 'unlimited'"),
+    "pids": _parsed(_unlimited(_int_value(10)), what="a whole number or 'unlimited'"),
+    "disabled": _boolean,
+    "idle_timeout": _parsed(parse_duration, what="a duration like 30m or 'never'"),
+    "max_sessions": _parsed(_int_value(1), what="a whole number"),
+    "shell": _string(check=_absolute_path),
+}
+
+
+def _keys(node: _Node, field: str, errs: _Errors) -> Any:
+    if node.kind == "scalar" and node.value is None:
+        return ()
+    items = [node] if node.kind == "scalar" else node.value if node.kind == "seq" else None
+    if items is None:
+        errs.add(node, field, "must be a list of public key lines")
+        return _BAD
+    keys: list[AuthorizedKey] = []
+    for i, item in enumerate(items):
+        item_field = f"{field}[{i}]" if node.kind == "seq" else field
+        if item.invalid:
+            continue
+        if item.kind != "scalar" or not isinstance(item.value, str):
+            hint = ""
+            if item.kind == "map":  # YAML read `command="a: b" ssh-...` as a mapping
+                hint = "; if the line contains ': ' or ' #', wrap it in single quotes"
+            errs.add(item, item_field, f"each key must be one authorized_keys line{hint}")
+            continue
+        try:
+            keys.append(parse_authorized_key(item.value, item.line))
+        except ValueError as exc:
+            errs.add(item, item_field, str(exc))
+    return tuple(keys)
+
+
+_USER_SPEC: dict[str, Converter] = {
+    **_LIMIT_SPEC,
+    "keys": _keys,
+    "password": _string(nullable=True, check=_password_value),
+}
+_DEFAULTS_FORBIDDEN = {
+    name: f"{name} is per-user and cannot be set in defaults"
+    for name in ("keys", "password")
+}
+
+
+def _build_user(name: str, settings: Mapping[str, Any], defaults: UserDefaults,
+                line: int | None) -> User:
+    def pick(key: str) -> Any:
+        return settings[key] if key in settings else getattr(defaults, key)
+
+    return User(
+        name=name,
+        keys=settings.get("keys", ()),
+        cpus=pick("cpus"),
+        memory=pick("memory"),
+        pids=pick("pids"),
+        disabled=pick("disabled"),
+        password=settings.get("password"),
+        idle_timeout=pick("idle_timeout"),
+        max_sessions=pick("max_sessions"),
+        shell=pick("shell"),
+        line=line,
+    )
+
+
+def parse_users(text: str, path: Path | None = None, *, mtime_ns: int | None = None,
+                ) -> UsersConfig:
+    """Validate users.yaml text into a new UsersConfig, or raise ConfigError(s)."""
+    errs = _Errors(str(path) if path is not None else "<users>")
+    tree = _parse_tree(text, errs)
+    defaults = UserDefaults()
+    users: dict[str, User] = {}
+    if tree is not None and not (tree.kind == "scalar" and tree.value is None):
+        if tree.kind != "map":
+            errs.add(tree, None, "users file must be a mapping with defaults: and users:")
+        top = _read_mapping(tree, "", {"defaults": _keep, "users": _keep}, errs) or {}
+        d_node = top.get("defaults")
+        if d_node is not None and not _is_null(d_node):
+            values = _read_mapping(d_node, "defaults", _LIMIT_SPEC, errs, _DEFAULTS_FORBIDDEN)
+            defaults = UserDefaults(**(values or {}))
+        u_node = top.get("users")
+        if u_node is not None and not _is_null(u_node):
+            if u_node.kind != "map":
+                errs.add(u_node, "users", "must be a mapping of user name to settings")
+            else:
+                for name, node in u_node.value.items():
+                    field_name = f"users.{name}"
+                    if not USER_NAME_RE.fullmatch(name):
+                        errs.add(node.key_line, field_name,
+                                 f"invalid user name {name!r}: use 1-32 characters, lower-case "
+                                 "letters, digits, '_' and '-', starting with a letter or '_'")
+                        continue
+                    if _is_null(node):
+                        settings: dict[str, Any] | None = {}
+                    elif node.kind != "map":
+                        errs.add(node, field_name,
+                                 "must be a mapping of settings (keys:, memory:, ...)")
+                        continue
+                    else:
+                        settings = _read_mapping(node, field_name, _USER_SPEC, errs)
+                    if settings is not None:
+                        users[name] = _build_user(name, settings, defaults, node.key_line)
+    errs.check()
+    digest = hashlib.sha256(text.encode()).hexdigest()
+    return UsersConfig(
+        path=path,
+        users=MappingProxyType(users),
+        defaults=defaults,
+        digest=digest,
+        mtime_ns=mtime_ns,
+    )
+
+
+def load_users(path: Path) -> UsersConfig:
+    """Read and validate users.yaml; raise ConfigError(s) and never return a partial result."""
+    data, mtime_ns = _read_text(path)
+    config = parse_users(_decode(data, str(path)), path, mtime_ns=mtime_ns)
+    # Hash the bytes, not the decoded text, so any on-disk change is noticed.
+    return replace(config, digest=hashlib.sha256(data).hexdigest())
+
+
+def _keep(node: _Node, field: str, errs: _Errors) -> Any:
+    return node
+
+
+def _is_null(node: _Node) -> bool:
+    return node.kind == "scalar" and node.value is None
+
+
+# --------------------------------------------------------------------------------------------
+# gateway.yaml
+
+SecurityProfile = Literal["hardened", "privileged", "sysbox"]
+SECURITY_PROFILES: tuple[str, ...] = ("hardened", "privileged", "sysbox")
+IDLE_POLICIES: tuple[str, ...] = ("activity", "strict")
+LOG_LEVELS: tuple[str, ...] = ("debug", "info", "warning", "error", "critical")
+PREFIX_RE = re.compile(r"[a-z][a-z0-9-]{0,20}")
+DEFAULT_DOCKER_HOST = "unix:///var/run/docker.sock"
+
+
+def _check_docker_host(text: str) -> None:
+    if not text.startswith("unix://"):
+        raise ValueError(f"only unix:// sockets are supported, not {text!r}; the gateway talks "
+                         "to a local Docker socket, e.g. unix:///var/run/docker.sock")
+    if not text[len("unix://"):].startswith("/"):
+        raise ValueError(f"{text!r} must name an absolute socket path, e.g. "
+                         "unix:///var/run/docker.sock")
+
+
+def _check_prefix(text: str) -> None:
+    if not PREFIX_RE.fullmatch(text):
+        raise ValueError(f"{text!r} must match ^[a-z][a-z0-9-]{{0,20}}$ (Docker objects are "
+                         "named <prefix>-<user>)")
+
+
+def _check_image(text: str) -> None:
+    if not text.strip() or any(c.isspace() for c in text):
+        raise ValueError(f"{text!r} is not a Docker image reference")
+
+
+@dataclass(frozen=True)
+class ForwardRule:
+    """An admin-allowed ``ssh -L`` destination: host (name, wildcard, IP or CIDR) and port."""
+
+    host: str
+    port: int | None  # None: any port
+
+    def matches(self, host: str, port: int) -> bool:
+        """Whether a requested destination is covered by this rule."""
+        if self.port is not None and port != self.port:
+            return False
+        if "/" in self.host:
+            try:
+                return ipaddress.ip_address(host) in ipaddress.ip_network(self.host)
+            except ValueError:
+                return False
+        try:
+            return ipaddress.ip_address(host) == ipaddress.ip_address(self.host)
+        except ValueError:
+            return fnmatch.fnmatchcase(host.lower(), self.host.lower())
+
+    def __str__(self) -> str:
+        port = "*" if self.port is None else str(self.port)
+        return f"[{self.host}]:{port}" if ":" in self.host else f"{self.host}:{port}"
+
+
+def _forward_rule(value: Any) -> ForwardRule:
+    if not isinstance(value, str):
+        raise ValueError(f"must be a 'host:port' pattern, not {value!r}")
+    host, port = _split_host_port(value.strip(), "db.internal:5432 or 10.0.0.0/8:*")
+    if not host or any(c.isspace() for c in host):
+        raise ValueError(f"{value!r} needs a host pattern before the port")
+    if "/" in host:
+        try:
+            ipaddress.ip_network(host)
+        except ValueError as exc:
+            raise ValueError(f"{host!r} is not a valid CIDR block: {exc}") from None
+    return ForwardRule(host, None if port == "*" else _parse_port(port, allow_zero=False))
+
+
+def _forward_rules(node: _Node, field: str, errs: _Errors) -> Any:
+    if _is_null(node):
+        return ()
+    if node.kind != "seq":
+        errs.add(node, field, "must be a list of 'host:port' patterns")
+        return _BAD
+    rules = []
+    for i, item in enumerate(node.value):
+        if item.invalid:
+            continue
+        rule = _parsed(_forward_rule, what="a 'host:port' pattern")(item, f"{field}[{i}]", errs)
+        if rule is not _BAD:
+            rules.append(rule)
+    return tuple(rules)
+
+
+_GATEWAY_SPEC: dict[str, Converter] = {
+    "listen": _parsed(parse_address, what="host:port"),
+    "users_file": _string(check=_non_blank),
+    "state_dir": _string(check=_non_blank),
+    "image": _string(check=_check_image),
+    "security_profile": _choice(SECURITY_PROFILES),
+    "prefix": _string(check=_check_prefix),
+    "docker_host": _string(nullable=True, check=_check_docker_host),
+    "ready_timeout": _parsed(lambda v: parse_duration(v, allow_never=False), what="a duration"),
+    "idle_timeout": _parsed(parse_duration, what="a duration or 'never'"),
+    "idle_policy": _choice(IDLE_POLICIES),
+    "max_sessions": _parsed(_int_value(1), what="a whole number"),
+    "max_auth_tries": _parsed(_int_value(1), what="a whole number"),
+    "login_grace_time": _parsed(lambda v: parse_duration(v, allow_never=False),
+                                what="a duration"),
+    "max_startups": _parsed(_int_value(1), what="a whole number"),
+    "allow_forward_to": _forward_rules,
+    "audit_log": _string(nullable=True, check=_non_blank),
+    "audit_stdout": _boolean,
+    "metrics_listen": _parsed(parse_address, what="host:port", nullable=True),
+    "banner": _string(nullable=True),
+    "log_level": _choice(LOG_LEVELS),
+}
+_PATH_FIELDS = ("users_file", "state_dir")
+
+
+@dataclass(frozen=True)
+class GatewayConfig:
+    """Gateway-wide settings from gateway.yaml; paths are absolute once loaded."""
+
+    path: Path | None
+    listen: Address
+    users_file: Path
+    state_dir: Path
+    image: str
+    security_profile: SecurityProfile
+    prefix: str
+    docker_host: str | None  # None: $DOCKER_HOST, else DEFAULT_DOCKER_HOST (see docker_url)
+    ready_timeout: float
+    idle_timeout: float | None  # None: never
+    idle_policy: Literal["activity", "strict"]
+    max_sessions: int
+    max_auth_tries: int
+    login_grace_time: float
+    max_startups: int
+    allow_forward_to: tuple[ForwardRule, ...]
+    audit_log: Path | None  # None: no audit file
+    audit_stdout: bool
+    metrics_listen: Address | None  # None: no metrics endpoint
+    banner: str | None
+    log_level: str
+
+    @classmethod
+    def default(cls, base_dir: Path | None = None, **overrides: Any) -> GatewayConfig:
+        """Built-in defaults (for tests and file-less runs), relative paths under base_dir."""
+        return parse_gateway_config("", None, overrides, base_dir=base_dir)
+
+    @property
+    def listen_host(self) -> str:
+        """Host part of ``listen`` (no brackets), as asyncssh.listen() wants it."""
+        return self.listen.host
+
+    @property
+    def listen_port(self) -> int:
+        """Port part of ``listen``; 0 lets the OS pick one (tests)."""
+        return self.listen.port
+
+    def docker_url(self, environ: Mapping[str, str] | None = None) -> str:
+        """The Docker socket URL: docker_host, else $DOCKER_HOST, else the standard socket."""
+        if self.docker_host is not None:
+            return self.docker_host
+        env = os.environ if environ is None else environ
+        value = env.get("DOCKER_HOST") or DEFAULT_DOCKER_HOST
+        try:
+            _check_docker_host(value)
+        except ValueError as exc:
+            raise ConfigError("$DOCKER_HOST", None, "docker_host", str(exc)) from None
+        return value
+
+    def forward_allowed(self, host: str, port: int) -> bool:
+        """Whether allow_forward_to admits an ``ssh -L`` target outside the user's container."""
+        return any(rule.matches(host, port) for rule in self.allow_forward_to)
+
+
+_GATEWAY_DEFAULTS: dict[str, Any] = {
+    "listen": "0.0.0.0:2222",
+    "users_file": "users.yaml",
+    "state_dir": "/var/lib/dind-gateway",
+    "image": "dind-gateway/dind:latest",
+    "security_profile": "hardened",
+    "prefix": "dgw",
+    "docker_host": None,
+    "ready_timeout": 60,
+    "idle_timeout": "never",
+    "idle_policy": "activity",
+    "max_sessions": 10,
+    "max_auth_tries": 6,
+    "login_grace_time": 120,
+    "max_startups": 100,
+    "allow_forward_to": [],
+    "audit_log": "audit.log",
+    "audit_stdout": False,
+    "metrics_listen": None,
+    "banner": None,
+    "log_level": "info",
+}
+
+
+def _absolute(base: Path, value: str) -> Path:
+    return Path(os.path.normpath(base / Path(value).expanduser()))
+
+
+def parse_gateway_config(
+    text: str, path: Path | str | None = None, overrides: Mapping[str, Any] | None = None,
+    *, base_dir: Path | None = None, overrides_base_dir: Path | None = None,
+) -> GatewayConfig:
+    """Validate gateway.yaml text plus overrides (None values are ignored) into a config.
+
+    Relative paths in the file resolve against base_dir (default: the file's directory, else
+    the current one); relative paths in overrides resolve against overrides_base_dir (default:
+    base_dir when there is no file, else the current directory, as a CLI user would expect).
+    """
+    label = str(path) if path is not None else "<defaults>"
+    errs = _Errors(label)
+    if base_dir is None:
+        base_dir = Path(os.path.abspath(path)).parent if path is not None else Path.cwd()
+    if overrides_base_dir is None:
+        overrides_base_dir = Path.cwd() if path is not None else base_dir
+    tree = _parse_tree(text, errs)
+    entries: dict[str, _Node] = {}
+    if tree is not None and not _is_null(tree):
+        if tree.kind != "map":
+            errs.add(tree, None, "gateway config must be a mapping of setting: value")
+        else:
+            entries.update(tree.value)
+    for name, value in (overrides or {}).items():
+        if value is not None:
+            entries[name] = _from_python(value, "<overrides>")
+    merged = _Node("map", entries, None)
+    values = _read_mapping(merged, "", _GATEWAY_SPEC, errs) or {}
+    errs.check()
+
+    def get(name: str) -> Any:
+        if name in values:
+            return values[name]
+        return _GATEWAY_SPEC[name](_from_python(_GATEWAY_DEFAULTS[name], "<built-in>"), name,
+                                   errs)
+
+    resolved = {name: get(name) for name in _GATEWAY_SPEC}
+    for name in _PATH_FIELDS:
+        base = overrides_base_dir if entries.get(name) and entries[name].origin else base_dir
+        resolved[name] = _absolute(base, resolved[name])
+    if resolved["audit_log"] is not None:
+        resolved["audit_log"] = _absolute(resolved["state_dir"], resolved["audit_log"])
+    return GatewayConfig(path=Path(path) if path is not None else None, **resolved)
+
+
+def load_gateway_config(path: Path, overrides: dict[str, Any] | None = None) -> GatewayConfig:
+    """Read gateway.yaml and apply overrides (e.g. CLI flags; None values are ignored)."""
+    data, _ = _read_text(path)
+    return parse_gateway_config(_decode(data, str(path)), path, overrides)
