@@ -1,0 +1,354 @@
+"""Per-user environments: the backend contract and its Docker implementation.
+
+The contract is deliberately small (ensure / stop / inspect / exec, plus update and purge), in the
+spirit of JupyterHub's Spawner, so that another backend (Kubernetes) can follow.  Every operation
+is idempotent: "already running", "already stopped" and "already gone" count as success.
+"""
+
+from __future__ import annotations
+
+import abc
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from .dockerapi import DockerClient, DockerError, ExecStream
+
+log = logging.getLogger("dind_gateway.backend")
+
+LABEL_MANAGED = "dind-gateway.managed"
+LABEL_INSTANCE = "dind-gateway.instance"
+LABEL_OWNER = "dind-gateway.owner"
+LABEL_ROLE = "dind-gateway.role"
+
+INNER_DOCKER_HOST = "unix:///var/run/docker.sock"
+USER_UID = 1000
+PROFILES = ("hardened", "privileged", "sysbox")
+
+
+class BackendError(Exception):
+    """An environment could not be provided.  `user_message` is safe to show the user."""
+
+    def __init__(self, user_message: str, log_message: str | None = None,
+                 reason: str = "error") -> None:
+        super().__init__(log_message or user_message)
+        self.user_message = user_message
+        self.reason = reason
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Resource caps for one environment; None means unlimited."""
+
+    cpus: float | None = None
+    memory: int | None = None
+    pids: int | None = None
+
+
+@dataclass
+class EnvState:
+    """What `inspect` reports about one user's environment."""
+
+    user: str
+    exists: bool
+    running: bool = False
+    container_id: str = ""
+    started_at: str = ""
+    ip: str = ""
+    status: str = "missing"
+    limits: Limits = field(default_factory=Limits)
+    labels: dict[str, str] = field(default_factory=dict)
+
+
+class ExecProcess:
+    """A process started in an environment: its byte stream plus resize / wait / signal."""
+
+    def __init__(self, backend: DockerBackend, container: str, exec_id: str,
+                 stream: ExecStream) -> None:
+        self._backend = backend
+        self.container = container
+        self.exec_id = exec_id
+        self.stream = stream
+
+    async def resize(self, rows: int, cols: int) -> None:
+        try:
+            await self._backend.docker.exec_resize(self.exec_id, rows, cols)
+        except DockerError as exc:  # the process may have just exited
+            log.debug("resize of exec %s failed: %s", self.exec_id[:12], exc)
+
+    async def wait(self, poll: float = 0.02, timeout: float = 10.0) -> int:
+        """Exit code once the engine reports the process gone (after the stream ended)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            info = await self._backend.docker.exec_inspect(self.exec_id)
+            if not info.get("Running") and info.get("ExitCode") is not None:
+                return int(info["ExitCode"])
+            if time.monotonic() > deadline:
+                return 255
+            await asyncio.sleep(poll)
+            poll = min(poll * 2, 0.2)
+
+
+class Backend(abc.ABC):
+    """What the session layer needs from a container platform."""
+
+    @abc.abstractmethod
+    async def ensure(self, user: str, limits: Limits,
+                     progress: Callable[[str], None] | None = None) -> EnvState:
+        """Make the user's environment exist, run and be ready; create/start only if needed."""
+
+    @abc.abstractmethod
+    async def stop(self, user: str) -> None:
+        """Stop the environment, keeping its data.  Missing or stopped is fine."""
+
+    @abc.abstractmethod
+    async def inspect(self, user: str) -> EnvState:
+        """Current state; `exists=False` when there is nothing."""
+
+    @abc.abstractmethod
+    async def exec(self, user: str, argv: list[str], *, tty: bool, env: dict[str, str],
+                   run_as: str, workdir: str) -> ExecProcess:
+        """Start a process inside a running environment with a live byte stream."""
+
+    @abc.abstractmethod
+    async def update_limits(self, user: str, limits: Limits) -> None:
+        """Apply new caps to a running environment without restarting it."""
+
+    @abc.abstractmethod
+    async def purge(self, user: str) -> None:
+        """Delete the environment and all its data (container, network, volumes)."""
+
+
+class DockerBackend(Backend):
+    """One DinD container per user, with named volumes and a private bridge network."""
+
+    def __init__(self, docker: DockerClient, *, image: str, prefix: str,
+                 profile: str = "hardened", ready_timeout: float = 60.0) -> None:
+        if profile not in PROFILES:
+            raise ValueError(f"unknown security profile {profile!r}")
+        self.docker = docker
+        self.image = image
+        self.prefix = prefix
+        self.profile = profile
+        self.ready_timeout = ready_timeout
+        self._locks: dict[str, asyncio.Lock] = {}
+        # container id + start time that we have seen ready: lets a warm login skip the ping.
+        self._ready: dict[str, tuple[str, str]] = {}
+
+    # --- names ----------------------------------------------------------------------------
+
+    def container_name(self, user: str) -> str:
+        return f"{self.prefix}-{user}"
+
+    def network_name(self, user: str) -> str:
+        return f"{self.prefix}-{user}"
+
+    def volume_names(self, user: str) -> dict[str, str]:
+        return {"home": f"{self.prefix}-{user}-home", "docker": f"{self.prefix}-{user}-docker"}
+
+    def labels(self, user: str, **extra: str) -> dict[str, str]:
+        return {LABEL_MANAGED: "true", LABEL_INSTANCE: self.prefix, LABEL_OWNER: user, **extra}
+
+    # --- contract ---------------------------------------------------------------------------
+
+    async def inspect(self, user: str) -> EnvState:
+        return self._state(user, await self.docker.inspect_container(self.container_name(user)))
+
+    async def ensure(self, user: str, limits: Limits,
+                     progress: Callable[[str], None] | None = None) -> EnvState:
+        lock = self._locks.setdefault(user, asyncio.Lock())
+        async with lock:
+            state = await self.inspect(user)
+            if state.running and self._ready.get(user) == (state.container_id, state.started_at):
+                return state
+            t0 = time.monotonic()
+            if progress and not state.running:
+                progress("Starting your Docker environment…")
+            if not state.exists:
+                await self._create(user, limits)
+            if not state.running:
+                await self._start(user)
+            state = await self._wait_ready(user)
+            self._ready[user] = (state.container_id, state.started_at)
+            log.info("environment of %s ready in %.2f s (container %s)", user,
+                     time.monotonic() - t0, state.container_id[:12])
+            if progress:
+                progress(f" ready in {time.monotonic() - t0:.1f} s\n")
+            return state
+
+    async def stop(self, user: str) -> None:
+        self._ready.pop(user, None)
+        try:
+            await self.docker.request("POST", f"/containers/{self.container_name(user)}/stop",
+                                      query={"t": 20}, ok=(204, 304), timeout=60)
+        except DockerError as exc:
+            if exc.status != 404:
+                raise
+
+    async def exec(self, user: str, argv: list[str], *, tty: bool, env: dict[str, str],
+                   run_as: str, workdir: str) -> ExecProcess:
+        name = self.container_name(user)
+        exec_id = await self.docker.exec_create(
+            name, argv, tty=tty, user=run_as, workdir=workdir,
+            env=[f"{k}={v}" for k, v in env.items()])
+        stream = await self.docker.exec_start(exec_id, tty)
+        return ExecProcess(self, name, exec_id, stream)
+
+    async def update_limits(self, user: str, limits: Limits) -> None:
+        try:
+            await self.docker.request("POST", f"/containers/{self.container_name(user)}/update",
+                                      body=self._limit_spec(limits))
+        except DockerError as exc:
+            if exc.status != 404:
+                raise
+
+    async def purge(self, user: str) -> None:
+        self._ready.pop(user, None)
+        await self._ignore_missing("DELETE", f"/containers/{self.container_name(user)}",
+                                   query={"force": 1, "v": 0})
+        await self._ignore_missing("DELETE", f"/networks/{self.network_name(user)}")
+        for vol in self.volume_names(user).values():
+            await self._ignore_missing("DELETE", f"/volumes/{vol}")
+
+    # --- primitives ---------------------------------------------------------------------------
+
+    async def _ignore_missing(self, method: str, path: str, **kw: Any) -> None:
+        try:
+            await self.docker.request(method, path, **kw)
+        except DockerError as exc:
+            if exc.status != 404:
+                raise
+
+    @staticmethod
+    def _limit_spec(limits: Limits) -> dict[str, Any]:
+        mem = limits.memory or 0
+        return {
+            "Memory": mem,
+            # swap equal to memory: no swapping past the cap; -1 would allow unlimited swap.
+            "MemorySwap": mem if mem else -1,
+            "NanoCpus": int((limits.cpus or 0) * 1e9),
+            "PidsLimit": limits.pids or -1,
+        }
+
+    def _security(self) -> dict[str, Any]:
+        if self.profile == "privileged":
+            return {"Privileged": True, "CgroupnsMode": "private"}
+        if self.profile == "sysbox":
+            return {"Runtime": "sysbox-runc"}
+        # hardened: the least that runs dockerd here (shared/notes/dind-here.md).  The CLI's
+        # `systempaths=unconfined` is client-side sugar for empty Masked/ReadonlyPaths.
+        return {
+            "CgroupnsMode": "private",
+            "CapAdd": ["SYS_ADMIN", "NET_ADMIN"],
+            "SecurityOpt": ["seccomp=unconfined", "apparmor=unconfined"],
+            "MaskedPaths": [],
+            "ReadonlyPaths": [],
+        }
+
+    async def _create(self, user: str, limits: Limits) -> None:
+        net = self.network_name(user)
+        vols = self.volume_names(user)
+        for role, vol in vols.items():
+            await self.docker.request("POST", "/volumes/create",
+                                      body={"Name": vol, "Labels": self.labels(user, **{
+                                          LABEL_ROLE: role})})
+        try:
+            await self.docker.request("POST", "/networks/create", body={
+                "Name": net, "Driver": "bridge", "CheckDuplicate": True,
+                "Labels": self.labels(user)})
+        except DockerError as exc:
+            if exc.status != 409:
+                raise
+        spec = {
+            "Image": self.image,
+            "Hostname": f"{user}-devbox",
+            "Env": [f"DGW_USER={user}", f"DGW_UID={USER_UID}", f"DGW_PROFILE={self.profile}"],
+            "Labels": self.labels(user),
+            "HostConfig": {
+                "Init": True,
+                "NetworkMode": net,
+                "Mounts": [
+                    {"Type": "volume", "Source": vols["home"], "Target": f"/home/{user}"},
+                    {"Type": "volume", "Source": vols["docker"], "Target": "/var/lib/docker"},
+                ],
+                **self._limit_spec(limits),
+                **self._security(),
+            },
+        }
+        try:
+            await self.docker.request("POST", "/containers/create",
+                                      query={"name": self.container_name(user)}, body=spec)
+            log.info("created container %s", self.container_name(user))
+        except DockerError as exc:
+            if exc.status == 409:  # another gateway process won the race: use theirs
+                return
+            if exc.status == 404:
+                raise BackendError(
+                    "The development image is missing on the server; please tell your admin.",
+                    f"image {self.image} not found: {exc.message}", "image-missing") from exc
+            raise
+
+    async def _start(self, user: str) -> None:
+        try:
+            await self.docker.request("POST", f"/containers/{self.container_name(user)}/start",
+                                      ok=(204, 304))
+        except DockerError as exc:
+            raise BackendError(f"Your environment failed to start: {exc.message}",
+                               reason="start-failed") from exc
+
+    async def _wait_ready(self, user: str) -> EnvState:
+        """Wait until the inner dockerd answers /_ping; fail fast if the container dies."""
+        name = self.container_name(user)
+        deadline = time.monotonic() + self.ready_timeout
+        probe = ["sh", "-c", "curl -sf --max-time 2 --unix-socket /var/run/docker.sock "
+                 "http://docker/_ping >/dev/null 2>&1 || exit 1"]
+        delay = 0.05
+        while True:
+            state = await self.inspect(user)
+            if not state.exists or not state.running:
+                tail = await self._tail(name)
+                raise BackendError(
+                    f"Your environment stopped while starting. Last daemon log lines:\n{tail}",
+                    f"container {name} exited during start ({state.status})", "crashed")
+            try:
+                proc = await self.exec(user, probe, tty=False, env={}, run_as="root",
+                                       workdir="/")
+                while (await proc.stream.read())[0]:
+                    pass
+                proc.stream.close()
+                if await proc.wait() == 0:
+                    return state
+            except DockerError as exc:
+                log.debug("readiness probe of %s: %s", name, exc)
+            if time.monotonic() > deadline:
+                tail = await self._tail(name)
+                raise BackendError(
+                    f"Your Docker daemon did not become ready within {self.ready_timeout:.0f} s."
+                    f" Last daemon log lines:\n{tail}",
+                    f"inner dockerd of {name} not ready after {self.ready_timeout} s", "timeout")
+            await asyncio.sleep(delay)
+            delay = min(delay * 1.5, 0.5)
+
+    async def _tail(self, name: str) -> str:
+        try:
+            return (await self.docker.logs_tail(name, 15)).rstrip() or "(no output)"
+        except DockerError as exc:
+            return f"(logs unavailable: {exc.message})"
+
+    def _state(self, user: str, info: dict[str, Any] | None) -> EnvState:
+        if info is None:
+            return EnvState(user=user, exists=False)
+        st = info.get("State", {})
+        hc = info.get("HostConfig", {})
+        nets = info.get("NetworkSettings", {}).get("Networks", {}) or {}
+        ip = next((n.get("IPAddress", "") for n in nets.values() if n.get("IPAddress")), "")
+        return EnvState(
+            user=user, exists=True, running=bool(st.get("Running")), container_id=info["Id"],
+            started_at=st.get("StartedAt", ""), ip=ip, status=st.get("Status", "unknown"),
+            limits=Limits(cpus=(hc.get("NanoCpus") or 0) / 1e9 or None,
+                          memory=hc.get("Memory") or None,
+                          pids=hc.get("PidsLimit") if (hc.get("PidsLimit") or 0) > 0 else None),
+            labels=info.get("Config", {}).get("Labels") or {})

@@ -1,0 +1,282 @@
+"""Issue 2, end to end: real `ssh` against a real gateway and a real Docker engine."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import hashlib
+import re
+import subprocess
+import time
+from pathlib import Path
+
+import docker
+import pexpect
+import pytest
+
+from .conftest import GatewayProc, pubkey
+
+PROMPT = "DGW-PROMPT> "
+
+
+def login_pty(gw: GatewayProc, user: str, rows: int = 24, cols: int = 80) -> pexpect.spawn:
+    """Interactive login through a real pty, with a prompt we can match reliably."""
+    args = gw.ssh_args(user, None, "-tt")
+    child = pexpect.spawn(args[0], args[1:], dimensions=(rows, cols), timeout=120,
+                          encoding="utf-8", codec_errors="replace")
+    child.sendline("bind 'set enable-bracketed-paste off'; export PS1='DGW''-PROMPT> '")
+    child.expect_exact(PROMPT)
+    return child
+
+
+def run_pty(child: pexpect.spawn, command: str, timeout: float = 120) -> str:
+    """Run one command at the prompt; its output, found between the echo and an end marker."""
+    child.sendline(f"{command}; echo __DGW''END__")
+    child.expect_exact("__DGWEND__", timeout=timeout)
+    out = child.before.replace("\r\n", "\n")
+    child.expect_exact(PROMPT, timeout=timeout)
+    return out.split("__DGW''END__\n", 1)[-1]
+
+
+def warm(gw: GatewayProc, user: str) -> None:
+    r = gw.ssh(user, "true")
+    assert r.returncode == 0, r.stderr
+
+
+def test_exec_streams_exit_code_and_env(gateway: GatewayProc) -> None:
+    first = gateway.ssh("alice", "echo out; echo err >&2; exit 3")
+    assert first.returncode == 3, first.stderr
+    assert first.stdout == b"out\n"
+    assert first.stderr.endswith(b"err\n")
+    r = gateway.ssh("alice", "echo out; echo err >&2; exit 3")
+    assert (r.returncode, r.stdout, r.stderr) == (3, b"out\n", b"err\n")
+    for cmd, code in (("true", 0), ("false", 1), ("no-such-command-xyz", 127),
+                      ("kill -INT $$", 130)):
+        assert gateway.ssh("alice", cmd).returncode == code, cmd
+    r = gateway.ssh("alice", 'echo "$DOCKER_HOST|$USER|$HOME|$LOGNAME|$(pwd)|$(id -un)"')
+    assert r.stdout.decode().strip() == ("unix:///var/run/docker.sock|alice|/home/alice|alice|"
+                                         "/home/alice|alice")
+
+
+def test_first_login_progress_on_stderr_only(gateway: GatewayProc) -> None:
+    r = gateway.ssh("dave", "echo hello")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout == b"hello\n"
+    assert re.search(rb"Starting your Docker environment.* ready in \d+\.\d s", r.stderr), r.stderr
+
+
+def test_client_environment_filtered(gateway: GatewayProc) -> None:
+    env = {"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8", "LC_TIME": "C", "SECRET_X": "leak",
+           "TERM": "xterm-from-client"}
+    r = subprocess.run([*gateway.ssh_args("alice", None, "-o", "SendEnv=LANG LC_* SECRET_X TERM"),
+                        'echo "$LANG|$LC_TIME|${SECRET_X:-none}|${TERM:-noterm}"'],
+                       capture_output=True, env=env, timeout=60, stdin=subprocess.DEVNULL)
+    # without a pty no TERM is passed (bash then says "dumb", as under OpenSSH's sshd)
+    assert r.stdout.decode().strip() == "C.UTF-8|C|none|dumb", r.stderr
+
+
+def test_stdin_streams_to_eof_tar_roundtrip(gateway: GatewayProc, tmp_path: Path) -> None:
+    src = tmp_path / "proj"
+    (src / "sub").mkdir(parents=True)
+    (src / "a.txt").write_text("hello\n")
+    (src / "sub" / "b.bin").write_bytes(bytes(range(256)) * 4096)
+    tar = subprocess.run(["tar", "-C", str(src), "-c", "."], capture_output=True,
+                         check=True).stdout
+    r = gateway.ssh("alice", "rm -rf proj && mkdir proj && tar x -C proj && echo done",
+                    input=tar)
+    assert r.returncode == 0 and r.stdout == b"done\n", r.stderr
+    r = gateway.ssh("alice", "cd proj && sha256sum a.txt sub/b.bin")
+    want = {p: hashlib.sha256((src / p).read_bytes()).hexdigest() for p in ("a.txt", "sub/b.bin")}
+    got = dict(reversed(line.split()) for line in r.stdout.decode().splitlines())
+    assert got == want
+    # binary-clean both ways: stdout carries exactly the bytes
+    r = gateway.ssh("alice", "cat proj/sub/b.bin")
+    assert r.stdout == (src / "sub" / "b.bin").read_bytes()
+
+
+def test_pty_shell_docker_build_and_run(gateway: GatewayProc) -> None:
+    child = login_pty(gateway, "alice", rows=30, cols=100)
+    try:
+        assert run_pty(child, "echo $DOCKER_HOST").strip() == "unix:///var/run/docker.sock"
+        assert run_pty(child, "stty size").strip() == "30 100"
+        assert run_pty(child, "tty").strip().startswith("/dev/pts/")
+        out = run_pty(child, "rm -rf b && mkdir b && cp /usr/bin/tini-static b/ && printf "
+                      "'FROM scratch\\nCOPY tini-static /tini\\n"
+                      "ENTRYPOINT [\"/tini\",\"--version\"]\\n' > b/Dockerfile && "
+                      "docker build -q -t alice-secret b >/dev/null && "
+                      "docker run --rm alice-secret; echo rc=$?", timeout=180)
+        assert "tini version" in out and "rc=0" in out, out
+        # live resize reaches the shell
+        child.setwinsize(40, 120)
+        time.sleep(0.5)
+        assert run_pty(child, "stty size").strip() == "40 120"
+        # Ctrl-C reaches the foreground process
+        child.sendline("sleep 100")
+        time.sleep(1)
+        child.sendcontrol("c")
+        child.expect_exact(PROMPT, timeout=10)
+        assert run_pty(child, "echo rc=$?").strip() == "rc=130"
+        child.sendline("exit 7")
+        child.expect(pexpect.EOF, timeout=20)
+    finally:
+        child.close()
+    assert child.exitstatus == 7
+
+
+def test_users_are_isolated(gateway: GatewayProc, docker_client: docker.DockerClient) -> None:
+    warm(gateway, "alice")
+    warm(gateway, "bob")
+    a = docker_client.containers.get(gateway.container_name("alice"))
+    b = docker_client.containers.get(gateway.container_name("bob"))
+    assert a.id != b.id
+    # two daemons: different IDs
+    ida = gateway.ssh("alice", "docker info -f '{{.ID}}'").stdout.strip()
+    idb = gateway.ssh("bob", "docker info -f '{{.ID}}'").stdout.strip()
+    assert ida and idb and ida != idb
+    gateway.ssh("alice", "docker tag $(docker images -q | head -1) alice-only:1 || "
+                "(mkdir -p t && cp /usr/bin/tini-static t/ && printf 'FROM scratch\\nCOPY "
+                "tini-static /t\\n' > t/Dockerfile && docker build -q -t alice-only:1 t)")
+    assert b"alice-only" in gateway.ssh("alice", "docker images").stdout
+    assert b"alice-only" not in gateway.ssh("bob", "docker images").stdout
+    # networks: bob cannot reach a service listening in alice's container
+    a.reload()
+    nets = a.attrs["NetworkSettings"]["Networks"]
+    assert list(nets) == [gateway.container_name("alice")]
+    ip = next(iter(nets.values()))["IPAddress"]
+    a.exec_run(["sh", "-c", "python3 -m http.server 8765 >/dev/null 2>&1 &"], detach=True)
+    time.sleep(1.5)
+    ok = subprocess.run(["curl", "-s", "-o", "/dev/null", "-w", "%{http_code}", "--max-time",
+                         "5", f"http://{ip}:8765/"], capture_output=True, text=True)
+    assert ok.stdout == "200"  # the service is really up
+    r = gateway.ssh("bob", f"curl -s -o /dev/null --max-time 3 http://{ip}:8765/; echo rc=$?")
+    assert r.stdout.decode().strip() != "rc=0"
+    # no host docker socket in any user container
+    mounts = [m["Destination"] for m in a.attrs["Mounts"]]
+    assert "/var/run/docker.sock" not in mounts and sorted(mounts) == ["/home/alice",
+                                                                        "/var/lib/docker"]
+
+
+def test_reuse_and_racing_first_logins(gateway: GatewayProc,
+                                       docker_client: docker.DockerClient) -> None:
+    warm(gateway, "alice")
+    before = docker_client.containers.get(gateway.container_name("alice")).id
+    warm(gateway, "alice")
+    assert docker_client.containers.get(gateway.container_name("alice")).id == before
+    # ten racing first logins of a brand-new user make exactly one container
+    with concurrent.futures.ThreadPoolExecutor(10) as pool:
+        results = list(pool.map(lambda _: gateway.ssh("carol", "hostname"), range(10)))
+    assert [r.returncode for r in results] == [0] * 10, [r.stderr for r in results]
+    owned = docker_client.containers.list(all=True, filters={
+        "label": [f"dind-gateway.instance={gateway.prefix}", "dind-gateway.owner=carol"]})
+    assert len(owned) == 1
+    assert {r.stdout for r in results} == {b"carol-devbox\n"}
+
+
+def test_limits_visible_outside_and_inside(gateway: GatewayProc,
+                                           docker_client: docker.DockerClient) -> None:
+    warm(gateway, "bob")
+    hc = docker_client.containers.get(gateway.container_name("bob")).attrs["HostConfig"]
+    assert hc["Memory"] == 1 << 30 and hc["MemorySwap"] == 1 << 30
+    assert hc["PidsLimit"] == 1000 and hc["NanoCpus"] == 1_000_000_000
+    assert hc["Privileged"] is False and set(hc["CapAdd"]) == {"SYS_ADMIN", "NET_ADMIN"}
+    r = gateway.ssh("bob", "cat /sys/fs/cgroup/memory/memory.limit_in_bytes 2>/dev/null || "
+                    "cat /sys/fs/cgroup/memory.max; cat /sys/fs/cgroup/pids/pids.max 2>/dev/null"
+                    " || cat /sys/fs/cgroup/pids.max")
+    assert r.stdout.split() == [b"1073741824", b"1000"], r.stderr
+
+
+def test_recreated_container_keeps_home(gateway: GatewayProc,
+                                        docker_client: docker.DockerClient) -> None:
+    assert gateway.ssh("erin", "echo keep-me > note.txt").returncode == 0
+    old = docker_client.containers.get(gateway.container_name("erin"))
+    old.remove(force=True)
+    r = gateway.ssh("erin", "cat note.txt; stat -c %U note.txt")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout == b"keep-me\nerin\n"
+    assert docker_client.containers.get(gateway.container_name("erin")).id != old.id
+
+
+def test_refused_logins(make_gateway, keys: dict[str, Path]) -> None:
+    gw = make_gateway()
+    gw.write_users({
+        "alice": {"keys": [pubkey(keys["alice"])]},
+        "bob": {"keys": [f'expiry-time="20200101" {pubkey(keys["bob"])}']},
+        "carol": {"keys": [f'from="10.99.99.99" {pubkey(keys["carol"])}']},
+        "dave": {"keys": [pubkey(keys["dave"])], "disabled": True},
+        "erin": {"keys": [f'from="127.0.0.0/8",expiry-time="29991231" {pubkey(keys["erin"])}']},
+    })
+    gw.start()
+    cases = {"nobody": "alice", "alice": "other", "bob": None, "carol": None, "dave": None}
+    for user, key in cases.items():
+        r = gw.ssh(user, "true", key=key)
+        assert r.returncode == 255 and b"Permission denied" in r.stderr, (user, r.stderr)
+    # unknown user and wrong key look the same to the client
+    a = gw.ssh("nobody", "true", key="alice").stderr
+    b = gw.ssh("alice", "true", key="other").stderr
+    assert a.replace(b"nobody", b"X") == b.replace(b"alice", b"X")
+    log = gw.tail(200)
+    for user, reason in (("nobody", "unknown user"), ("alice", "key not authorized"),
+                         ("bob", "key expired"), ("carol", "from= does not match"),
+                         ("dave", "disabled user")):
+        assert re.search(rf"auth failed: user={user} peer=127\.0\.0\.1 key=SHA256:\S+ "
+                         rf"reason={reason}", log), (user, log)
+    # erin's from= and future expiry allow her in (no container needed for a refusal check)
+    r = gw.ssh("erin", "true")
+    assert r.returncode == 0, r.stderr
+
+
+def test_no_pty_and_forced_command(make_gateway, keys: dict[str, Path]) -> None:
+    gw = make_gateway()
+    gw.write_users({
+        "alice": {"keys": [f'no-pty,environment="PROJ=x1" {pubkey(keys["alice"])}']},
+        "bob": {"keys": [f'command="echo forced:$SSH_ORIGINAL_COMMAND" {pubkey(keys["bob"])}']},
+        "carol": {"keys": [f'restrict {pubkey(keys["carol"])}']},
+    })
+    gw.start()
+    # the pty request is refused (OpenSSH's client then gives up when -tt forces one)
+    for user in ("alice", "carol"):
+        r = gw.ssh(user, "tty", opts=("-tt",))
+        assert b"PTY allocation request failed" in r.stderr and b"/dev/pts" not in r.stdout, r
+    r = gw.ssh("alice", "tty; echo $PROJ")
+    assert r.stdout == b"not a tty\nx1\n", r
+    r = gw.ssh("bob", "whoami")
+    assert r.stdout == b"forced:whoami\n", r.stderr
+
+
+def test_bad_users_yaml_refuses_to_start(tmp_path: Path, keys: dict[str, Path]) -> None:
+    gw = GatewayProc(tmp_path, keys)
+    gw.users_file.write_text("users:\n  alice:\n    memory: 4x\n    keys: []\n")
+    gw.config.write_text(f"listen: 127.0.0.1:{gw.port}\nusers_file: users.yaml\n"
+                         "state_dir: state\n")
+    r = subprocess.run(["python", "-m", "gateway", "serve", "--config", str(gw.config)],
+                       capture_output=True, text=True, timeout=30,
+                       cwd=Path(__file__).resolve().parent.parent)
+    assert r.returncode != 0
+    assert f"{gw.users_file}:3" in r.stderr and "memory" in r.stderr, r.stderr
+
+
+@pytest.fixture(scope="module")
+def broken_images(docker_client: docker.DockerClient):
+    """Derived images whose inner daemon crashes, or never answers."""
+    from .conftest import IMAGE
+    tags = {"crash": "dgwtest/crash:latest", "hang": "dgwtest/hang:latest"}
+    entry = {"crash": '["/bin/sh","-c","echo dockerd: simulated failure XYZ >&2; exit 3"]',
+             "hang": '["/bin/sh","-c","echo starting forever; exec sleep 1000"]'}
+    import io
+    for kind, tag in tags.items():
+        df = f"FROM {IMAGE}\nENTRYPOINT {entry[kind]}\n".encode()
+        docker_client.images.build(fileobj=io.BytesIO(df), tag=tag, rm=True)
+    yield tags
+    for tag in tags.values():
+        docker_client.images.remove(tag, force=True)
+
+
+@pytest.mark.parametrize("kind,expect", [("crash", "simulated failure XYZ"),
+                                         ("hang", "did not become ready within 3 s")])
+def test_daemon_failure_is_explained(make_gateway, broken_images, kind: str,
+                                     expect: str) -> None:
+    gw = make_gateway(image=broken_images[kind], ready_timeout=3)
+    gw.start()
+    r = gw.ssh("alice", "true")
+    assert r.returncode != 0 and r.returncode != 255
+    assert expect in r.stderr.decode(), r.stderr
+    assert gw.proc is not None and gw.proc.poll() is None  # the gateway keeps serving
