@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .dockerapi import DockerClient, DockerError, ExecStream
+from .events import Events
 
 log = logging.getLogger("dind_gateway.backend")
 
@@ -126,7 +127,8 @@ class DockerBackend(Backend):
     """One DinD container per user, with named volumes and a private bridge network."""
 
     def __init__(self, docker: DockerClient, *, image: str, prefix: str,
-                 profile: str = "hardened", ready_timeout: float = 60.0) -> None:
+                 profile: str = "hardened", ready_timeout: float = 60.0,
+                 events: Events | None = None) -> None:
         if profile not in PROFILES:
             raise ValueError(f"unknown security profile {profile!r}")
         self.docker = docker
@@ -134,6 +136,7 @@ class DockerBackend(Backend):
         self.prefix = prefix
         self.profile = profile
         self.ready_timeout = ready_timeout
+        self.events = events or Events()
         self._locks: dict[str, asyncio.Lock] = {}
         # container id + start time that we have seen ready: lets a warm login skip the ping.
         self._ready: dict[str, tuple[str, str]] = {}
@@ -165,28 +168,39 @@ class DockerBackend(Backend):
             if state.running and self._ready.get(user) == (state.container_id, state.started_at):
                 return state
             t0 = time.monotonic()
-            if progress and not state.running:
-                progress("Starting your Docker environment…")
+            announce = progress if not state.running else None
+            if announce:
+                announce("Starting your Docker environment…")
             if not state.exists:
                 await self._create(user, limits)
+                self.events.emit("container.create", user=user,
+                                 container=self.container_name(user))
             if not state.running:
                 await self._start(user)
             state = await self._wait_ready(user)
             self._ready[user] = (state.container_id, state.started_at)
-            log.info("environment of %s ready in %.2f s (container %s)", user,
-                     time.monotonic() - t0, state.container_id[:12])
-            if progress:
-                progress(f" ready in {time.monotonic() - t0:.1f} s\n")
+            elapsed = time.monotonic() - t0
+            log.info("environment of %s ready in %.2f s (container %s)", user, elapsed,
+                     state.container_id[:12])
+            self.events.emit("container.start", user=user, container=self.container_name(user),
+                             duration=round(elapsed, 3), adopted=announce is None)
+            if announce:
+                announce(f" ready in {elapsed:.1f} s\n")
             return state
 
     async def stop(self, user: str) -> None:
         self._ready.pop(user, None)
+        t0 = time.monotonic()
         try:
+            # 20 s: the inner dockerd itself waits 10 s for its containers to stop.
             await self.docker.request("POST", f"/containers/{self.container_name(user)}/stop",
                                       query={"t": 20}, ok=(204, 304), timeout=60)
         except DockerError as exc:
             if exc.status != 404:
                 raise
+            return
+        self.events.emit("container.stop", user=user, container=self.container_name(user),
+                         duration=round(time.monotonic() - t0, 3))
 
     async def exec(self, user: str, argv: list[str], *, tty: bool, env: dict[str, str],
                    run_as: str, workdir: str) -> ExecProcess:

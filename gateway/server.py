@@ -16,6 +16,7 @@ import asyncssh
 from .backend import Backend, DockerBackend, Limits
 from .config import AuthorizedKey, GatewayConfig, User, UsersConfig, load_users
 from .dockerapi import DockerClient
+from .events import Events
 from .session import GatewaySession
 
 log = logging.getLogger("dind_gateway")
@@ -66,9 +67,12 @@ class Connection(asyncssh.SSHServer):
         peer = conn.get_extra_info("peername") or ("", 0)
         self.peer, self.peer_port = peer[0], peer[1]
         self.gateway.connections.add(self)
+        self.gateway.events.emit("connection.open", conn=self.id, peer=self.peer)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.gateway.connections.discard(self)
+        self.gateway.events.emit("connection.close", conn=self.id, peer=self.peer,
+                                 user=self.user.name if self.user else None)
 
     @property
     def ssh_connection(self) -> str:
@@ -104,13 +108,20 @@ class Connection(asyncssh.SSHServer):
                 else:
                     self.user, self.key = user, entry
                     return True
+        fingerprint = key.get_fingerprint()
         log.warning("[%s] auth failed: user=%s peer=%s key=%s reason=%s", self.tag, username,
-                    self.peer, key.get_fingerprint(), reason)
+                    self.peer, fingerprint, reason)
+        self.gateway.events.emit("auth.failure", conn=self.id, peer=self.peer, user=username,
+                                 method="publickey", key=fingerprint, reason=reason)
         return False
 
     def auth_completed(self) -> None:
+        fingerprint = self.key.fingerprint if self.key else None
         log.info("[%s] auth ok: user=%s peer=%s key=%s", self.tag, self.user.name, self.peer,
-                 self.key.fingerprint if self.key else "-")
+                 fingerprint or "-")
+        self.gateway.events.emit("auth.success", conn=self.id, peer=self.peer,
+                                 user=self.user.name, method="publickey" if self.key else
+                                 "password", key=fingerprint)
 
     # --- key options we enforce ourselves (asyncssh skips them for validated keys) ----
 
@@ -144,9 +155,11 @@ class Gateway:
     def __init__(self, config: GatewayConfig, backend: Backend | None = None) -> None:
         self.config = config
         self.users: UsersConfig = load_users(config.users_file)
+        self.events = Events()
         self.backend: Backend = backend or DockerBackend(
             DockerClient(config.docker_url()), image=config.image, prefix=config.prefix,
-            profile=config.security_profile, ready_timeout=config.ready_timeout)
+            profile=config.security_profile, ready_timeout=config.ready_timeout,
+            events=self.events)
         self.connections: set[Connection] = set()
         self._server: asyncssh.SSHAcceptor | None = None
         self._stopped = asyncio.Event()

@@ -148,6 +148,15 @@ class GatewaySession(asyncssh.SSHServerSession):
     # --- the data path ----------------------------------------------------------------------
 
     @property
+    def session_type(self) -> str:
+        """shell, exec, sftp, scp or rsync: what the audit log and metrics call it."""
+        if self._kind == "exec" and self._command:
+            first = self._command.split(None, 1)[0]
+            if first in ("scp", "rsync"):
+                return first
+        return self._kind or "session"
+
+    @property
     def _tty(self) -> bool:
         return bool(self._term_type)
 
@@ -156,6 +165,9 @@ class GatewaySession(asyncssh.SSHServerSession):
         chan, conn = self._chan, self._conn
         started = time.monotonic()
         status = 255
+        kind = self.session_type
+        conn.gateway.events.emit("session.start", conn=conn.id, user=conn.user.name, type=kind,
+                                 command=self._command, pty=self._tty)
         try:
             await conn.gateway.ensure_environment(conn.user, self._progress)
             argv, env = self._program()
@@ -182,9 +194,14 @@ class GatewaySession(asyncssh.SSHServerSession):
         finally:
             if self._proc is not None:
                 self._proc.stream.close()
+            duration = time.monotonic() - started
             log.info("[%s] %s session of %s ended: status %s, %d B in, %d B out, %.2f s",
-                     conn.tag, self._kind, conn.user.name, status, self.bytes_in,
-                     self.bytes_out, time.monotonic() - started)
+                     conn.tag, kind, conn.user.name, status, self.bytes_in,
+                     self.bytes_out, duration)
+            conn.gateway.events.emit("session.end", conn=conn.id, user=conn.user.name,
+                                     type=kind, command=self._command, exit_status=status,
+                                     bytes_in=self.bytes_in, bytes_out=self.bytes_out,
+                                     duration=round(duration, 3))
         if not chan.is_closing():
             chan.exit(status)
 
