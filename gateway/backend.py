@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import abc
 import asyncio
+import json
 import logging
 import time
 from collections.abc import Callable
@@ -115,6 +116,33 @@ class Backend(abc.ABC):
         """Start a process inside a running environment with a live byte stream."""
 
     @abc.abstractmethod
+    async def list_environments(self) -> list[EnvState]:
+        """Every environment this gateway instance owns, running or not."""
+
+    @abc.abstractmethod
+    async def has_workloads(self, user: str) -> bool:
+        """Whether the user's inner daemon is running containers (activity for culling)."""
+
+    @abc.abstractmethod
+    def lock(self, user: str) -> asyncio.Lock:
+        """The lock that serialises lifecycle changes of one user's environment."""
+
+    async def run(self, user: str, argv: list[str]) -> tuple[int, bytes]:
+        """Run a short housekeeping command as root; its exit code and stdout."""
+        proc = await self.exec(user, argv, tty=False, env={}, run_as="root", workdir="/")
+        out = []
+        try:
+            while True:
+                stream, data = await proc.stream.read()
+                if not stream:
+                    break
+                if stream == 1:
+                    out.append(data)
+        finally:
+            proc.stream.close()
+        return await proc.wait(), b"".join(out)
+
+    @abc.abstractmethod
     async def update_limits(self, user: str, limits: Limits) -> None:
         """Apply new caps to a running environment without restarting it."""
 
@@ -160,10 +188,28 @@ class DockerBackend(Backend):
     async def inspect(self, user: str) -> EnvState:
         return self._state(user, await self.docker.inspect_container(self.container_name(user)))
 
+    def lock(self, user: str) -> asyncio.Lock:
+        return self._locks.setdefault(user, asyncio.Lock())
+
+    async def list_environments(self) -> list[EnvState]:
+        found = await self.docker.request("GET", "/containers/json", query={
+            "all": 1, "filters": json.dumps({"label": [f"{LABEL_INSTANCE}={self.prefix}"]})})
+        out = []
+        for c in found:
+            user = (c.get("Labels") or {}).get(LABEL_OWNER)
+            if user and f"/{self.container_name(user)}" in c.get("Names", []):
+                out.append(EnvState(user=user, exists=True, running=c.get("State") == "running",
+                                    container_id=c["Id"], status=c.get("State", ""),
+                                    labels=c.get("Labels") or {}))
+        return out
+
+    async def has_workloads(self, user: str) -> bool:
+        code, out = await self.run(user, ["sh", "-c", "docker ps -q | head -1"])
+        return code == 0 and bool(out.strip())
+
     async def ensure(self, user: str, limits: Limits,
                      progress: Callable[[str], None] | None = None) -> EnvState:
-        lock = self._locks.setdefault(user, asyncio.Lock())
-        async with lock:
+        async with self.lock(user):
             state = await self.inspect(user)
             if state.running and self._ready.get(user) == (state.container_id, state.started_at):
                 return state
@@ -328,12 +374,7 @@ class DockerBackend(Backend):
                     f"Your environment stopped while starting. Last daemon log lines:\n{tail}",
                     f"container {name} exited during start ({state.status})", "crashed")
             try:
-                proc = await self.exec(user, probe, tty=False, env={}, run_as="root",
-                                       workdir="/")
-                while (await proc.stream.read())[0]:
-                    pass
-                proc.stream.close()
-                if await proc.wait() == 0:
+                if (await self.run(user, probe))[0] == 0:
                     return state
             except DockerError as exc:
                 log.debug("readiness probe of %s: %s", name, exc)

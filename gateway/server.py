@@ -13,10 +13,15 @@ from pathlib import Path
 
 import asyncssh
 
-from .backend import Backend, DockerBackend, Limits
+from . import forwarding
+from .audit import AuditLog
+from .backend import Backend, DockerBackend, EnvState, Limits
 from .config import AuthorizedKey, GatewayConfig, User, UsersConfig, load_users
 from .dockerapi import DockerClient
 from .events import Events
+from .guard import Guard
+from .lifecycle import Activity, IdleCuller
+from .metrics import MetricsServer
 from .session import GatewaySession
 
 log = logging.getLogger("dind_gateway")
@@ -59,6 +64,9 @@ class Connection(asyncssh.SSHServer):
         self.user: User = None  # type: ignore[assignment]  # set by auth before any session
         self.key: AuthorizedKey | None = None
         self.conn: asyncssh.SSHServerConnection | None = None
+        self.refused = False  # closed by the guard before the handshake
+        self.authenticated = False
+        self.sessions: set[GatewaySession] = set()
 
     # --- connection -----------------------------------------------------------------
 
@@ -66,11 +74,20 @@ class Connection(asyncssh.SSHServer):
         self.conn = conn
         peer = conn.get_extra_info("peername") or ("", 0)
         self.peer, self.peer_port = peer[0], peer[1]
+        if self.gateway.guard.admit(self.id, self.peer, conn) is not None:
+            self.refused = True
+            conn.abort()
+            return
         self.gateway.connections.add(self)
         self.gateway.events.emit("connection.open", conn=self.id, peer=self.peer)
 
     def connection_lost(self, exc: Exception | None) -> None:
+        self.gateway.guard.closed(self.id)
+        if self.refused:
+            return
         self.gateway.connections.discard(self)
+        if self.authenticated:
+            self.gateway.activity.connection_closed(self.user.name)
         self.gateway.events.emit("connection.close", conn=self.id, peer=self.peer,
                                  user=self.user.name if self.user else None)
 
@@ -82,6 +99,8 @@ class Connection(asyncssh.SSHServer):
     # --- authentication ---------------------------------------------------------------
 
     def begin_auth(self, username: str) -> bool:
+        if not self.username and self.gateway.config.banner and self.conn is not None:
+            self.conn.send_auth_banner(self.gateway.config.banner.rstrip("\n") + "\n")
         self.username = username
         return True
 
@@ -113,9 +132,13 @@ class Connection(asyncssh.SSHServer):
                     self.peer, fingerprint, reason)
         self.gateway.events.emit("auth.failure", conn=self.id, peer=self.peer, user=username,
                                  method="publickey", key=fingerprint, reason=reason)
+        self.gateway.guard.auth_failed(self.id)
         return False
 
     def auth_completed(self) -> None:
+        self.gateway.guard.auth_succeeded(self.id)
+        self.authenticated = True
+        self.gateway.activity.connection_opened(self.user.name)
         fingerprint = self.key.fingerprint if self.key else None
         log.info("[%s] auth ok: user=%s peer=%s key=%s", self.tag, self.user.name, self.peer,
                  fingerprint or "-")
@@ -140,10 +163,37 @@ class Connection(asyncssh.SSHServer):
     def forced_command(self) -> str | None:
         return self.key.forced_command if self.key else None
 
+    def notify_and_close(self, message: str) -> None:
+        """One line to every open session's stderr, then a disconnect carrying it too."""
+        for session in list(self.sessions):
+            session.notify(message)
+        if self.conn is not None:
+            self.conn.disconnect(asyncssh.DISC_BY_APPLICATION, message)
+
     # --- channels -----------------------------------------------------------------------
 
     def session_requested(self) -> GatewaySession:
+        limit = self.user.effective_max_sessions(self.gateway.config)
+        if self.gateway.activity.sessions[self.user.name] >= limit:
+            log.warning("[%s] session refused for %s: max_sessions %d reached", self.tag,
+                        self.user.name, limit)
+            raise asyncssh.ChannelOpenError(
+                asyncssh.OPEN_ADMINISTRATIVELY_PROHIBITED,
+                f"too many open sessions for {self.user.name} (max_sessions is {limit})")
         return GatewaySession(self)
+
+    def session_opened(self, session: GatewaySession) -> None:
+        self.sessions.add(session)
+        self.gateway.activity.session_opened(self.user.name)
+
+    def session_closed(self, session: GatewaySession) -> None:
+        if session in self.sessions:
+            self.sessions.discard(session)
+            self.gateway.activity.session_closed(self.user.name)
+
+    def connection_requested(self, dest_host: str, dest_port: int, orig_host: str,
+                             orig_port: int) -> object:
+        return forwarding.direct_tcpip(self, dest_host, dest_port)
 
     def server_requested(self, listen_host: str, listen_port: int) -> bool:
         return False  # remote forwarding (-R) is not offered
@@ -156,19 +206,52 @@ class Gateway:
         self.config = config
         self.users: UsersConfig = load_users(config.users_file)
         self.events = Events()
+        self.audit = AuditLog.from_config(config)
+        if self.audit is not None:
+            self.events.subscribe(self.audit)
+        self.guard = Guard.from_config(config, self.events)
         self.backend: Backend = backend or DockerBackend(
             DockerClient(config.docker_url()), image=config.image, prefix=config.prefix,
             profile=config.security_profile, ready_timeout=config.ready_timeout,
             events=self.events)
+        self.metrics = MetricsServer.for_gateway(self) if config.metrics_listen else None
         self.connections: set[Connection] = set()
+        self.activity = Activity()
+        self.culler = IdleCuller(self)
         self._server: asyncssh.SSHAcceptor | None = None
         self._stopped = asyncio.Event()
 
+    def container_name(self, user: str) -> str:
+        return f"{self.config.prefix}-{user}"
+
+    def user_lock(self, user: str) -> asyncio.Lock:
+        return self.backend.lock(user)
+
     async def ensure_environment(self, user: User,
-                                 progress: Callable[[str], None] | None = None) -> None:
-        await self.backend.ensure(user.name, limits_of(user), progress)
+                                 progress: Callable[[str], None] | None = None) -> EnvState:
+        return await self.backend.ensure(user.name, limits_of(user), progress)
+
+    async def adopt(self) -> None:
+        """Take over the environments a previous run left: never a second container per user.
+
+        Running ones keep running and their idle clock starts now; those of users who are no
+        longer allowed in are stopped (their volumes are kept).
+        """
+        for state in await self.backend.list_environments():
+            user = self.users.user(state.user)
+            if not state.running:
+                continue
+            if user is None or user.disabled:
+                log.info("stopping %s's environment: user no longer allowed", state.user)
+                await self.backend.stop(state.user)
+                continue
+            self.activity.touch(state.user)
+            log.info("adopted running environment of %s (%s)", state.user,
+                     state.container_id[:12])
 
     async def start(self) -> None:
+        await self.adopt()
+        self.culler.start()
         keys = load_host_keys(self.config.state_dir)
         for key in keys:
             log.info("host key %s %s", key.get_algorithm(), key.get_fingerprint())
@@ -180,18 +263,26 @@ class Gateway:
         port = self._server.sockets[0].getsockname()[1]
         self.port = port
         log.info("listening on %s:%s", self.config.listen_host, port)
+        if self.metrics is not None:
+            await self.metrics.start()
 
     async def serve_forever(self) -> None:
         await self._stopped.wait()
 
-    async def close(self) -> None:
+    async def close(self, grace: float = 5.0) -> None:
         """Stop accepting, tell open sessions, close them.  User containers keep running."""
         if self._server is not None:
             self._server.close()
-            await self._server.wait_closed()
+        await self.culler.stop()
+        notice = ("dind-gateway is restarting; your container keeps running. "
+                  "Reconnect in a moment.")
         for c in list(self.connections):
-            if c.conn is not None:
-                c.conn.disconnect(asyncssh.DISC_BY_APPLICATION, "dind-gateway is shutting down")
+            c.notify_and_close(notice)
+        waits = [c.conn.wait_closed() for c in self.connections if c.conn is not None]
+        if waits:
+            await asyncio.wait([asyncio.ensure_future(w) for w in waits], timeout=grace)
+        if self.metrics is not None:
+            await self.metrics.close()
         self._stopped.set()
 
     def install_signal_handlers(self) -> None:

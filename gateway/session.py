@@ -22,6 +22,7 @@ from .backend import INNER_DOCKER_HOST, BackendError, ExecProcess
 from .dockerapi import DockerError
 
 if TYPE_CHECKING:
+    from .config import User
     from .server import Connection
 
 log = logging.getLogger("dind_gateway.session")
@@ -100,6 +101,7 @@ class GatewaySession(asyncssh.SSHServerSession):
         return True
 
     def session_started(self) -> None:
+        self._conn.session_opened(self)
         self._task = asyncio.create_task(self._run())
 
     def data_received(self, data: bytes, datatype: asyncssh.DataType) -> None:
@@ -140,6 +142,7 @@ class GatewaySession(asyncssh.SSHServerSession):
         self._writable.set()
 
     def connection_lost(self, exc: Exception | None) -> None:
+        self._conn.session_closed(self)
         if self._task is not None and not self._task.done():
             self._task.cancel()
         if self._proc is not None:
@@ -170,6 +173,8 @@ class GatewaySession(asyncssh.SSHServerSession):
                                  command=self._command, pty=self._tty)
         try:
             await conn.gateway.ensure_environment(conn.user, self._progress)
+            if self._kind == "shell" and self._tty and conn.forced_command() is None:
+                self._stderr(login_line(conn.user, conn.gateway.config.help_contact))
             argv, env = self._program()
             self._proc = await conn.gateway.backend.exec(
                 conn.user.name, argv, tty=self._tty, env=env, run_as=conn.user.name,
@@ -257,6 +262,10 @@ class GatewaySession(asyncssh.SSHServerSession):
             return ["/bin/sh", "-c", _WRAPPER, "dgw", self._command or ""], env
         return ["/bin/sh", "-c", _WRAPPER, "dgw"], env
 
+    def notify(self, message: str) -> None:
+        """A one-line notice from the gateway (shutdown, revoked access) on stderr."""
+        self._stderr(f"\ndind-gateway: {message}\n")
+
     def _progress(self, text: str) -> None:
         self._stderr(text)
 
@@ -271,12 +280,22 @@ class GatewaySession(asyncssh.SSHServerSession):
     async def _deliver_signal(self, signal: str) -> None:
         """Engine has no exec-signal API: a second exec signals the recorded PID."""
         try:
-            proc = await self._conn.gateway.backend.exec(
-                self._conn.user.name,
-                ["sh", "-c", f'kill -s {signal} "$(cat {self._pidfile})"'],
-                tty=False, env={}, run_as="root", workdir="/")
-            while (await proc.stream.read())[0]:
-                pass
-            proc.stream.close()
+            await self._conn.gateway.backend.run(
+                self._conn.user.name, ["sh", "-c", f'kill -s {signal} "$(cat {self._pidfile})"'])
         except DockerError as exc:
             log.debug("signal %s not delivered: %s", signal, exc)
+
+
+def login_line(user: User, help_contact: str | None) -> str:
+    """The line an interactive shell starts with: the user's limits and where to get help."""
+    def size(n: int) -> str:
+        for unit, factor in (("GiB", 2**30), ("MiB", 2**20)):
+            if n >= factor:
+                return f"{n / factor:.1f}".removesuffix(".0") + f" {unit}"
+        return f"{n} B"
+
+    cpus = "unlimited" if user.cpus is None else f"{user.cpus:g}"
+    memory = "unlimited" if user.memory is None else size(user.memory)
+    pids = "unlimited" if user.pids is None else str(user.pids)
+    return (f"dind-gateway: limits for {user.name}: cpus {cpus}, memory {memory}, pids {pids}; "
+            f"help: {help_contact or 'ask your administrator'}\n")

@@ -138,10 +138,11 @@ class GatewayProc:
             return ""
 
     def ssh_args(self, user: str, key: str | None = None, *opts: str) -> list[str]:
-        return ["ssh", "-p", str(self.port), "-i", str(self.keys[key or user]),
+        # ssh takes the first value given for an option: test-specific options go first.
+        return ["ssh", *opts, "-p", str(self.port), "-i", str(self.keys[key or user]),
                 "-o", "IdentitiesOnly=yes", "-o", "StrictHostKeyChecking=no",
                 "-o", "UserKnownHostsFile=/dev/null", "-o", "BatchMode=yes",
-                "-o", "LogLevel=ERROR", "-o", "ConnectTimeout=20", *opts, f"{user}@127.0.0.1"]
+                "-o", "LogLevel=ERROR", "-o", "ConnectTimeout=20", f"{user}@127.0.0.1"]
 
     def ssh(self, user: str, *command: str, key: str | None = None, opts: tuple = (),
             input: bytes | None = None, timeout: float = 180) -> subprocess.CompletedProcess:

@@ -1,0 +1,199 @@
+"""Issue 5: ssh -L into your own services, idle culling, restarts, max_sessions."""
+
+from __future__ import annotations
+
+import contextlib
+import subprocess
+import time
+from pathlib import Path
+
+import docker
+import pytest
+
+from .conftest import USERS, GatewayProc, free_port, pubkey
+
+# Inner images built from files already in the DinD image (no registry anywhere).
+PYWEB = ("tar -ch usr/bin/python3.11 usr/lib/python3.11 --exclude=usr/lib/python3.11/test "
+         "$(ldd /usr/bin/python3.11 | grep -o '/[^ ]*' | sed 's,^/,,') -C / 2>/dev/null "
+         "| docker import - pyweb >/dev/null")
+SLEEPER = ("cd / && tar -ch usr/bin/sleep $(ldd /usr/bin/sleep | grep -o '/[^ ]*' | "
+           "sed 's,^/,,') 2>/dev/null | docker import - sleeper >/dev/null")
+
+
+def wait_for(predicate, timeout: float, interval: float = 0.25) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(interval)
+    return predicate()
+
+
+def container_status(client: docker.DockerClient, name: str) -> str:
+    try:
+        return client.containers.get(name).status
+    except docker.errors.NotFound:
+        return "missing"
+
+
+def forward_attempt(gw: GatewayProc, user: str, dest: str) -> bytes:
+    """Open `ssh -N -L` to dest, push connections through it; ssh's stderr."""
+    port = free_port()
+    tunnel = subprocess.Popen([*gw.ssh_args(user, None, "-o", "LogLevel=INFO", "-N", "-L",
+                                           f"127.0.0.1:{port}:{dest}")],
+                              stdin=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    url = f"http://127.0.0.1:{port}/"
+    try:
+        # curl exits 7 until ssh listens locally; each later try opens a channel
+        wait_for(lambda: subprocess.run(["curl", "-s", "--max-time", "3", url],
+                                        capture_output=True).returncode != 7, 20)
+        time.sleep(0.5)
+    finally:
+        tunnel.terminate()
+        _, err = tunnel.communicate(timeout=10)
+    return err
+
+
+def test_local_forward_reaches_inner_published_port(gateway: GatewayProc) -> None:
+    r = gateway.ssh("bob", f"cd / && {PYWEB} && docker rm -f web >/dev/null 2>&1; "
+                    "docker run -d --name web -p 8080:80 -w /usr pyweb "
+                    "/usr/bin/python3.11 -m http.server 80", timeout=300)
+    assert r.returncode == 0, r.stderr
+    port = free_port()
+    tunnel = subprocess.Popen([*gateway.ssh_args("bob", None, "-N", "-L",
+                                                 f"127.0.0.1:{port}:localhost:8080")],
+                              stdin=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        def fetch() -> bool:
+            out = subprocess.run(["curl", "-s", "--max-time", "3", f"http://127.0.0.1:{port}/"],
+                                 capture_output=True)
+            return b"Directory listing" in out.stdout
+        assert wait_for(fetch, 30), tunnel.stderr
+    finally:
+        tunnel.terminate()
+        tunnel.wait(10)
+
+
+@pytest.mark.parametrize("dest", ["{other}:22", "{other_ip}:8080", "172.17.0.1:2375",
+                                  "example.com:80"])
+def test_forward_elsewhere_is_refused(gateway: GatewayProc, docker_client: docker.DockerClient,
+                                      dest: str) -> None:
+    assert gateway.ssh("carol", "true").returncode == 0
+    other = docker_client.containers.get(gateway.container_name("carol"))
+    ip = next(iter(other.attrs["NetworkSettings"]["Networks"].values()))["IPAddress"]
+    target = dest.format(other=gateway.container_name("carol"), other_ip=ip)
+    err = forward_attempt(gateway, "dave", target)
+    assert b"administratively prohibited" in err and b"not allowed" in err, err
+
+
+def test_key_without_port_forwarding_is_refused(make_gateway, keys: dict[str, Path]) -> None:
+    gw = make_gateway()
+    gw.write_users({"alice": {"keys": [f"no-port-forwarding {pubkey(keys['alice'])}"]},
+                    "bob": {"keys": [f'permitopen="localhost:9000" {pubkey(keys["bob"])}']}})
+    gw.start()
+    err = forward_attempt(gw, "alice", "localhost:8080")
+    assert b"port forwarding is disabled" in err, err
+    err = forward_attempt(gw, "bob", "localhost:8080")
+    assert b"not in this key's permitopen" in err, err
+
+
+def test_max_sessions(make_gateway, keys: dict[str, Path]) -> None:
+    gw = make_gateway()
+    gw.write_users({"alice": {"keys": [pubkey(keys["alice"])], "max_sessions": 2}})
+    gw.start()
+    assert gw.ssh("alice", "true").returncode == 0
+    held = [subprocess.Popen([*gw.ssh_args("alice"), "sleep 30"], stdin=subprocess.DEVNULL,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            for _ in range(2)]
+    try:
+        time.sleep(3)
+        r = gw.ssh("alice", "echo third", opts=("-o", "LogLevel=INFO"))
+        assert r.returncode == 255 and b"too many open sessions" in r.stderr, r.stderr
+        assert r.stdout == b""
+    finally:
+        for p in held:
+            p.terminate()
+            p.wait(10)
+    assert wait_for(lambda: gw.ssh("alice", "true").returncode == 0, 15)
+
+
+def test_idle_culling_keeps_data_and_respects_activity(
+        make_gateway, keys: dict[str, Path], docker_client: docker.DockerClient) -> None:
+    gw = make_gateway(idle_timeout="3s")
+    gw.write_users({"alice": {"keys": [pubkey(keys["alice"])]}})
+    gw.start()
+    name = gw.container_name("alice")
+    r = gw.ssh("alice", f"echo precious > keep.txt && {SLEEPER}")
+    assert r.returncode == 0, r.stderr
+    # an open session keeps it alive well past the timeout
+    r = gw.ssh("alice", "sleep 8; echo alive")
+    assert r.stdout == b"alive\n"
+    assert container_status(docker_client, name) == "running"
+    # a running inner container keeps it alive under the default policy
+    assert gw.ssh("alice", "docker run -d --name nap sleeper /usr/bin/sleep 600").returncode == 0
+    time.sleep(8)
+    assert container_status(docker_client, name) == "running"
+    assert "inner containers are running: kept" in gw.tail(200)
+    # nothing left: culled within a few seconds
+    assert gw.ssh("alice", "docker rm -f nap").returncode == 0
+    assert wait_for(lambda: container_status(docker_client, name) == "exited", 30), gw.tail()
+    assert "culling alice's environment" in gw.tail(200)
+    # next login brings it back with home and image cache intact
+    r = gw.ssh("alice", "cat keep.txt; docker images -q sleeper | wc -l")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout == b"precious\n1\n"
+    assert b"Starting your Docker environment" in r.stderr
+
+
+def test_strict_policy_ignores_inner_containers(make_gateway, keys: dict[str, Path],
+                                                docker_client: docker.DockerClient) -> None:
+    gw = make_gateway(idle_timeout="2s", idle_policy="strict")
+    gw.write_users({"bob": {"keys": [pubkey(keys["bob"])]}})
+    gw.start()
+    r = gw.ssh("bob", f"{SLEEPER} && docker run -d sleeper /usr/bin/sleep 600")
+    assert r.returncode == 0, r.stderr
+    assert wait_for(lambda: container_status(docker_client, gw.container_name("bob"))
+                    == "exited", 30)
+
+
+def test_sigkill_then_restart_adopts_container(make_gateway, keys: dict[str, Path],
+                                               docker_client: docker.DockerClient) -> None:
+    gw = make_gateway()
+    gw.start()
+    r = gw.ssh("alice", "echo before-kill > f.txt")
+    assert r.returncode == 0, r.stderr
+    cid = docker_client.containers.get(gw.container_name("alice")).id
+    held = subprocess.Popen([*gw.ssh_args("alice"), "sleep 60"], stdin=subprocess.DEVNULL,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    time.sleep(2)
+    gw.stop(sig=9)
+    held.wait(30)
+    gw.start()
+    r = gw.ssh("alice", "cat f.txt")
+    assert r.returncode == 0 and r.stdout == b"before-kill\n", r.stderr
+    assert b"Starting" not in r.stderr  # reattached, not restarted
+    owned = docker_client.containers.list(all=True, filters={
+        "label": [f"dind-gateway.instance={gw.prefix}", "dind-gateway.owner=alice"]})
+    assert [c.id for c in owned] == [cid]
+    assert "adopted running environment of alice" in gw.tail(100)
+
+
+def test_sigterm_notifies_sessions_and_keeps_containers(
+        make_gateway, docker_client: docker.DockerClient) -> None:
+    gw = make_gateway()
+    gw.start()
+    assert gw.ssh("bob", "true").returncode == 0
+    held = subprocess.Popen([*gw.ssh_args("bob"), "sleep 60"], stdin=subprocess.DEVNULL,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    time.sleep(2)
+    gw.stop(sig=15)
+    assert gw.proc is not None and gw.proc.returncode == 0
+    _, err = held.communicate(timeout=30)
+    assert b"dind-gateway is restarting; your container keeps running" in err, err
+    assert container_status(docker_client, gw.container_name("bob")) == "running"
+    with contextlib.suppress(Exception):
+        held.kill()
+
+
+def test_users_constant() -> None:
+    assert "alice" in USERS  # shared-gateway users the tests above rely on
