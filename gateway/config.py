@@ -1196,11 +1196,19 @@ _GATEWAY_SPEC: dict[str, Converter] = {
     "login_grace_time": _parsed(lambda v: parse_duration(v, allow_never=False),
                                 what="a duration"),
     "max_startups": _parsed(_int_value(1), what="a whole number"),
+    "max_startups_per_source": _parsed(_int_value(1), what="a whole number"),
+    "ban_threshold": _parsed(_int_value(1), what="a whole number"),
+    "ban_seconds": _parsed(lambda v: parse_duration(v, allow_never=False), what="a duration"),
+    "ban_max_seconds": _parsed(lambda v: parse_duration(v, allow_never=False),
+                               what="a duration"),
     "allow_forward_to": _forward_rules,
     "audit_log": _string(nullable=True, check=_non_blank),
     "audit_stdout": _boolean,
+    "audit_max_size": _parsed(parse_size, what="a size"),
+    "audit_backups": _parsed(_int_value(0), what="a whole number"),
     "metrics_listen": _parsed(parse_address, what="host:port", nullable=True),
     "banner": _string(nullable=True),
+    "help_contact": _string(nullable=True, check=_non_blank),
     "log_level": _choice(LOG_LEVELS),
 }
 _PATH_FIELDS = ("users_file", "state_dir")
@@ -1225,11 +1233,18 @@ class GatewayConfig:
     max_auth_tries: int
     login_grace_time: float
     max_startups: int
+    max_startups_per_source: int
+    ban_threshold: int  # failed logins from one address before it is banned
+    ban_seconds: float  # first ban; it doubles on each repeat ...
+    ban_max_seconds: float  # ... up to this
     allow_forward_to: tuple[ForwardRule, ...]
     audit_log: Path | None  # None: no audit file
     audit_stdout: bool
+    audit_max_size: int  # bytes per audit file before it is rotated
+    audit_backups: int  # rotated files kept (audit.log.1 ...)
     metrics_listen: Address | None  # None: no metrics endpoint
     banner: str | None
+    help_contact: str | None  # shown in the login line of interactive shells
     log_level: str
 
     @classmethod
@@ -1279,11 +1294,18 @@ _GATEWAY_DEFAULTS: dict[str, Any] = {
     "max_auth_tries": 6,
     "login_grace_time": 120,
     "max_startups": 100,
+    "max_startups_per_source": 10,
+    "ban_threshold": 10,
+    "ban_seconds": "5m",
+    "ban_max_seconds": "1d",
     "allow_forward_to": [],
     "audit_log": "audit.log",
     "audit_stdout": False,
+    "audit_max_size": "50m",
+    "audit_backups": 5,
     "metrics_listen": None,
     "banner": None,
+    "help_contact": None,
     "log_level": "info",
 }
 
@@ -1329,6 +1351,15 @@ def parse_gateway_config(
                                    errs)
 
     resolved = {name: get(name) for name in _GATEWAY_SPEC}
+    ban, ban_max = resolved["ban_seconds"], resolved["ban_max_seconds"]
+    if ban_max < ban:
+        if "ban_max_seconds" in entries:
+            errs.add(entries["ban_max_seconds"], "ban_max_seconds",
+                     f"must be at least ban_seconds ({ban:g} s), not {ban_max:g} s")
+        else:
+            errs.add(entries["ban_seconds"], "ban_seconds",
+                     f"must not exceed ban_max_seconds ({ban_max:g} s), not {ban:g} s")
+        errs.check()
     for name in _PATH_FIELDS:
         base = overrides_base_dir if entries.get(name) and entries[name].origin else base_dir
         resolved[name] = _absolute(base, resolved[name])

@@ -18,6 +18,8 @@ Sink = Callable[[Event], None]
 
 # Event names, for reference (fields in brackets are always present):
 #   connection.open / connection.close     [conn, peer]
+#   connection.refused                     [conn, peer, reason] (guard: banned, max_startups,
+#                                          max_startups_per_source, max_auth_tries)
 #   auth.success / auth.failure            [conn, peer, user, method] key, reason
 #   session.start / session.end            [conn, user, type] command, exit_status, bytes_in,
 #                                          bytes_out, duration
@@ -25,7 +27,7 @@ Sink = Callable[[Event], None]
 #   container.create / container.start / container.stop / container.cull
 #                                          [user] duration, container
 #   config.reload                          [accepted] error, users
-#   ban                                    [peer, seconds, failures]
+#   ban                                    [peer, seconds, failures] source, strikes
 
 
 class Events:

@@ -89,6 +89,9 @@ def test_gateway_defaults() -> None:
     assert gw.allow_forward_to == ()
     assert (gw.audit_stdout, gw.metrics_listen, gw.banner, gw.log_level) == (
         False, None, None, "info")
+    assert (gw.max_startups_per_source, gw.ban_threshold, gw.ban_seconds,
+            gw.ban_max_seconds) == (10, 10, 300, 86400)
+    assert (gw.audit_max_size, gw.audit_backups, gw.help_contact) == (50 * 2**20, 5, None)
 
 
 # --------------------------------------------------------------------------------------------
@@ -237,6 +240,20 @@ BAD_GATEWAY = [
     ("forward-bad-cidr", "allow_forward_to:\n  - 10.0.0.1/8:443\n", 2, "allow_forward_to[0]",
      "CIDR"),
     ("metrics-no-port", "metrics_listen: localhost\n", 1, "metrics_listen", "has no port"),
+    ("per-source-zero", "max_startups_per_source: 0\n", 1, "max_startups_per_source",
+     "at least 1"),
+    ("ban-threshold-zero", "ban_threshold: 0\n", 1, "ban_threshold", "at least 1"),
+    ("ban-threshold-list", "ban_threshold: [5]\n", 1, "ban_threshold", "not a list"),
+    ("ban-seconds-never", "ban_seconds: never\n", 1, "ban_seconds", "not allowed"),
+    ("ban-seconds-text", "ban_seconds: a while\n", 1, "ban_seconds", "not a duration"),
+    ("ban-max-below-ban", "ban_seconds: 1h\nban_max_seconds: 10m\n", 2, "ban_max_seconds",
+     "at least ban_seconds (3600 s), not 600 s"),
+    ("ban-above-default-max", "image: x\nban_seconds: 2d\n", 2, "ban_seconds",
+     "must not exceed ban_max_seconds (86400 s)"),
+    ("audit-max-size-text", "audit_max_size: big\n", 1, "audit_max_size", "not a size"),
+    ("audit-max-size-zero", "audit_max_size: 0\n", 1, "audit_max_size", "greater than zero"),
+    ("audit-backups-negative", "audit_backups: -1\n", 1, "audit_backups", "at least 0"),
+    ("help-contact-blank", "help_contact: '  '\n", 1, "help_contact", "must not be blank"),
     ("log-level", "log_level: verbose\n", 1, "log_level", "debug, info"),
     ("image-space", "image: my image\n", 1, "image", "not a Docker image"),
     ("users-file-empty", "users_file:\n", 1, "users_file", "must not be empty"),
@@ -417,6 +434,26 @@ allow_forward_to:
     assert not gw.forward_allowed("10.21.3.4", 443)
     assert gw.forward_allowed("2001:db8::7", 80)
     assert not gw.forward_allowed("evil.example", 5432)
+
+
+def test_guard_and_audit_values(tmp_path: Path) -> None:
+    gw = load_gateway_config(write(tmp_path, "gateway.yaml", """\
+max_startups: 20
+max_startups_per_source: 3
+ban_threshold: 5
+ban_seconds: 30s
+ban_max_seconds: 2h
+audit_max_size: 10m
+audit_backups: 0
+help_contact: "#devbox on chat, or admin@example.com"
+"""))
+    assert (gw.max_startups, gw.max_startups_per_source) == (20, 3)
+    assert (gw.ban_threshold, gw.ban_seconds, gw.ban_max_seconds) == (5, 30, 7200)
+    assert (gw.audit_max_size, gw.audit_backups) == (10 * 2**20, 0)
+    assert gw.help_contact == "#devbox on chat, or admin@example.com"
+    # equal is fine; a first ban beyond the default maximum is fine if the maximum follows
+    gw = load_gateway_config(write(tmp_path, "g2.yaml", "ban_seconds: 2d\nban_max_seconds: 2d\n"))
+    assert gw.ban_seconds == gw.ban_max_seconds == 172800
 
 
 def test_audit_log_null_and_relative(tmp_path: Path) -> None:
