@@ -143,10 +143,15 @@ def test_users_are_isolated(gateway: GatewayProc, docker_client: docker.DockerCl
     assert list(nets) == [gateway.container_name("alice")]
     ip = next(iter(nets.values()))["IPAddress"]
     a.exec_run(["sh", "-c", "python3 -m http.server 8765 >/dev/null 2>&1 &"], detach=True)
-    time.sleep(1.5)
-    ok = subprocess.run(["curl", "-s", "-o", "/dev/null", "-w", "%{http_code}", "--max-time",
-                         "5", f"http://{ip}:8765/"], capture_output=True, text=True)
-    assert ok.stdout == "200"  # the service is really up
+    def up() -> bool:
+        ok = subprocess.run(["curl", "-s", "-o", "/dev/null", "-w", "%{http_code}",
+                             "--max-time", "5", f"http://{ip}:8765/"], capture_output=True,
+                            text=True)
+        return ok.stdout == "200"
+    deadline = time.monotonic() + 30
+    while not up() and time.monotonic() < deadline:
+        time.sleep(0.3)
+    assert up()  # the service is really up, seen from the host
     r = gateway.ssh("bob", f"curl -s -o /dev/null --max-time 3 http://{ip}:8765/; echo rc=$?")
     assert r.stdout.decode().strip() != "rc=0"
     # no host docker socket in any user container
