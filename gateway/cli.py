@@ -4,13 +4,17 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import getpass
 import logging
+import os
 import sys
 from pathlib import Path
+from typing import Any
 
-from .config import ConfigError, GatewayConfig, load_gateway_config, load_users
+from .admin import AdminError, call
+from .config import ConfigError, GatewayConfig, hash_password, load_gateway_config, load_users
 
-DEFAULT_CONFIG = "/etc/dind-gateway/gateway.yaml"
+DEFAULT_CONFIG = os.environ.get("DIND_GATEWAY_CONFIG", "/etc/dind-gateway/gateway.yaml")
 
 
 def _load(args: argparse.Namespace) -> GatewayConfig:
@@ -49,6 +53,86 @@ def cmd_check(args: argparse.Namespace) -> int:
     return 0
 
 
+def _size(n: int | None) -> str:
+    if n is None or n < 0:
+        return "-"
+    for unit in ("B", "K", "M", "G", "T"):
+        if n < 1024 or unit == "T":
+            return f"{n:.0f}{unit}" if unit == "B" else f"{n:.1f}{unit}"
+        n /= 1024
+    return "-"
+
+
+def _duration(seconds: float | None) -> str:
+    if seconds is None:
+        return "-"
+    s = int(seconds)
+    if s < 3600:
+        return f"{s // 60}m{s % 60:02d}s"
+    if s < 86400:
+        return f"{s // 3600}h{s % 3600 // 60:02d}m"
+    return f"{s // 86400}d{s % 86400 // 3600}h"
+
+
+def format_ps(rows: list[dict[str, Any]]) -> str:
+    """The `ps` table, one row per user."""
+    head = ("USER", "STATE", "UPTIME", "SESSIONS", "CPU%", "MEMORY", "PIDS", "CACHE")
+    table = [head]
+    for r in rows:
+        mem = "-" if "mem_bytes" not in r else f"{_size(r['mem_bytes'])} / " + (
+            _size(r["mem_limit"]) if r.get("mem_limit") else "unlimited")
+        table.append((r["user"], r["state"], _duration(r.get("uptime")), str(r["sessions"]),
+                      f"{r['cpu_percent']:.1f}" if "cpu_percent" in r else "-", mem,
+                      str(r.get("pids", "-")), _size(r.get("cache_bytes"))))
+    widths = [max(len(row[i]) for row in table) for i in range(len(head))]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip()
+                     for row in table)
+
+
+def _admin(args: argparse.Namespace, request: dict[str, Any]) -> Any:
+    return call(_load(args).state_dir, request)
+
+
+def cmd_ps(args: argparse.Namespace) -> int:
+    print(format_ps(_admin(args, {"cmd": "ps"})))
+    return 0
+
+
+def cmd_user_action(args: argparse.Namespace) -> int:
+    if args.command == "purge" and not args.yes:
+        if not sys.stdin.isatty():
+            print("dind-gateway: purge deletes all of the user's data; pass --yes to confirm",
+                  file=sys.stderr)
+            return 1
+        answer = input(f"Delete {args.user}'s container, network and volumes (home and image "
+                       "cache)? Type the user name to confirm: ")
+        if answer.strip() != args.user:
+            print("not confirmed; nothing deleted", file=sys.stderr)
+            return 1
+    print(_admin(args, {"cmd": args.command, "user": args.user}))
+    return 0
+
+
+def cmd_reload(args: argparse.Namespace) -> int:
+    print(_admin(args, {"cmd": "reload"}))
+    return 0
+
+
+def cmd_hash_password(args: argparse.Namespace) -> int:
+    if sys.stdin.isatty():
+        first = getpass.getpass("Password: ")
+        if first != getpass.getpass("Again: "):
+            print("dind-gateway: the passwords differ", file=sys.stderr)
+            return 1
+    else:
+        first = sys.stdin.readline().rstrip("\n")
+    if not first:
+        print("dind-gateway: empty password refused", file=sys.stderr)
+        return 1
+    print(hash_password(first, args.scheme))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dind-gateway",
                                      description="SSH gateway to per-user Docker-in-Docker")
@@ -63,6 +147,27 @@ def build_parser() -> argparse.ArgumentParser:
     check = sub.add_parser("check", help="validate gateway.yaml and the users file")
     check.add_argument("--config", default=DEFAULT_CONFIG, help="path to gateway.yaml")
     check.set_defaults(func=cmd_check)
+
+    def admin_parser(name: str, help: str) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help)
+        p.add_argument("--config", default=DEFAULT_CONFIG, help="path to gateway.yaml")
+        return p
+
+    admin_parser("ps", "one row per user: state, sessions, CPU, memory, pids, cache"
+                 ).set_defaults(func=cmd_ps)
+    admin_parser("reload", "re-read the users file now").set_defaults(func=cmd_reload)
+    for name, text in (("stop", "stop a user's container (data kept)"),
+                       ("restart", "restart a user's container"),
+                       ("purge", "delete a user's container, network and volumes")):
+        p = admin_parser(name, text)
+        p.add_argument("user")
+        if name == "purge":
+            p.add_argument("--yes", action="store_true", help="do not ask for confirmation")
+        p.set_defaults(func=cmd_user_action)
+
+    hp = sub.add_parser("hash-password", help="prompt for a password, print a hash for users.yaml")
+    hp.add_argument("--scheme", default="bcrypt", choices=["bcrypt", "sha512_crypt"])
+    hp.set_defaults(func=cmd_hash_password)
     return parser
 
 
@@ -70,7 +175,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except ConfigError as exc:
+    except (ConfigError, AdminError) as exc:
         print(f"dind-gateway: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

@@ -884,6 +884,19 @@ def _password_value(text: str) -> None:
         raise ValueError(f"incomplete {scheme} hash (salt/settings only, no checksum)")
 
 
+def verify_password(password: str, hashed: str) -> bool:
+    """Check a password against a configured hash (slow by design: call it off the loop)."""
+    try:
+        return bool(_PASSWORD_CONTEXT.verify(password, hashed))
+    except (ValueError, MissingBackendError):
+        return False
+
+
+def hash_password(password: str, scheme: str = "bcrypt") -> str:
+    """A hash for users.yaml's `password:` field."""
+    return _PASSWORD_CONTEXT.handler(scheme).hash(password)
+
+
 @dataclass(frozen=True)
 class UserDefaults:
     """The ``defaults:`` block: limits applied to every user that does not set its own."""

@@ -14,14 +14,16 @@ from pathlib import Path
 import asyncssh
 
 from . import forwarding
+from .admin import AdminServer
 from .audit import AuditLog
-from .backend import Backend, DockerBackend, EnvState, Limits
-from .config import AuthorizedKey, GatewayConfig, User, UsersConfig, load_users
+from .backend import Backend, DockerBackend, EnvState
+from .config import AuthorizedKey, GatewayConfig, User, UsersConfig, load_users, verify_password
 from .dockerapi import DockerClient
 from .events import Events
 from .guard import Guard
 from .lifecycle import Activity, IdleCuller
 from .metrics import MetricsServer
+from .reload import UsersReloader, limits_of
 from .session import GatewaySession
 
 log = logging.getLogger("dind_gateway")
@@ -135,6 +137,28 @@ class Connection(asyncssh.SSHServer):
         self.gateway.guard.auth_failed(self.id)
         return False
 
+    def password_auth_supported(self) -> bool:
+        """Offered only when some user has a password hash configured."""
+        return any(u.has_password_auth for u in self.gateway.users.users.values())
+
+    async def validate_password(self, username: str, password: str) -> bool:
+        user = self.gateway.users.user(username)
+        reason = "unknown user"
+        if user is not None:
+            reason = "disabled user" if user.disabled else "no password set"
+            if not user.disabled and user.password:
+                # bcrypt/argon2 are slow on purpose: keep them off the event loop.
+                if await asyncio.to_thread(verify_password, password, user.password):
+                    self.user, self.key = user, None
+                    return True
+                reason = "wrong password"
+        log.warning("[%s] auth failed: user=%s peer=%s method=password reason=%s", self.tag,
+                    username, self.peer, reason)
+        self.gateway.events.emit("auth.failure", conn=self.id, peer=self.peer, user=username,
+                                 method="password", reason=reason)
+        self.gateway.guard.auth_failed(self.id)
+        return False
+
     def auth_completed(self) -> None:
         self.gateway.guard.auth_succeeded(self.id)
         self.authenticated = True
@@ -218,6 +242,8 @@ class Gateway:
         self.connections: set[Connection] = set()
         self.activity = Activity()
         self.culler = IdleCuller(self)
+        self.reloader = UsersReloader(self)
+        self.admin = AdminServer(self)
         self._server: asyncssh.SSHAcceptor | None = None
         self._stopped = asyncio.Event()
 
@@ -250,9 +276,11 @@ class Gateway:
                      state.container_id[:12])
 
     async def start(self) -> None:
+        keys = load_host_keys(self.config.state_dir)
         await self.adopt()
         self.culler.start()
-        keys = load_host_keys(self.config.state_dir)
+        self.reloader.start()
+        await self.admin.start()
         for key in keys:
             log.info("host key %s %s", key.get_algorithm(), key.get_fingerprint())
         self._server = await asyncssh.listen(
@@ -274,6 +302,8 @@ class Gateway:
         if self._server is not None:
             self._server.close()
         await self.culler.stop()
+        await self.reloader.stop()
+        await self.admin.close()
         notice = ("dind-gateway is restarting; your container keeps running. "
                   "Reconnect in a moment.")
         for c in list(self.connections):
@@ -289,7 +319,8 @@ class Gateway:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, lambda: asyncio.create_task(self.close()))
+        # SIGHUP re-reads the users file, like sshd re-reads its configuration.
+        loop.add_signal_handler(signal.SIGHUP,
+                                lambda: asyncio.create_task(self.reloader.reload("SIGHUP")))
 
 
-def limits_of(user: User) -> Limits:
-    return Limits(cpus=user.cpus, memory=user.memory, pids=user.pids)
