@@ -74,6 +74,7 @@ class UsersReloader:
                 gw.events.emit("config.reload", accepted=False, reason=reason, error=str(exc))
                 return False, str(exc)
             if new.digest == gw.users.digest:
+                log.info("users file checked (%s): unchanged", reason)
                 return True, "unchanged"
             old, gw.users = gw.users, new
             self.last_error = None
