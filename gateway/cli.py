@@ -12,7 +12,8 @@ from pathlib import Path
 from typing import Any
 
 from .admin import AdminError, call
-from .config import ConfigError, GatewayConfig, hash_password, load_gateway_config, load_users
+from .auth import hash_password
+from .config import ConfigError, GatewayConfig, load_gateway_config, load_users
 
 DEFAULT_CONFIG = os.environ.get("DIND_GATEWAY_CONFIG", "/etc/dind-gateway/gateway.yaml")
 

@@ -8,7 +8,6 @@ import logging
 import os
 import signal
 from collections.abc import Callable
-from datetime import UTC, datetime
 from pathlib import Path
 
 import asyncssh
@@ -16,8 +15,9 @@ import asyncssh
 from . import forwarding
 from .admin import AdminServer
 from .audit import AuditLog
+from .auth import AuthorizedKey, match_key, verify_password
 from .backend import Backend, DockerBackend, EnvState
-from .config import AuthorizedKey, GatewayConfig, User, UsersConfig, load_users, verify_password
+from .config import GatewayConfig, User, UsersConfig, load_users
 from .dockerapi import DockerClient
 from .events import Events
 from .guard import Guard
@@ -115,20 +115,15 @@ class Connection(asyncssh.SSHServer):
         Unknown users, disabled users and wrong keys all give the same answer on the wire.
         """
         user = self.gateway.users.user(username)
-        now = datetime.now(UTC)
-        reason = "unknown user"
-        if user is not None:
-            reason = "disabled user" if user.disabled else "key not authorized"
-            for entry in () if user.disabled else user.keys:
-                if entry.key.public_data != key.public_data:
-                    continue
-                if entry.is_expired(now):
-                    reason = "key expired"
-                elif not entry.matches_peer(self.peer):
-                    reason = "from= does not match peer"
-                else:
-                    self.user, self.key = user, entry
-                    return True
+        if user is None:
+            reason = "unknown user"
+        elif user.disabled:
+            reason = "disabled user"
+        else:
+            entry, reason = match_key(user.keys, key, self.peer)
+            if entry is not None:
+                self.user, self.key = user, entry
+                return True
         fingerprint = key.get_fingerprint()
         log.warning("[%s] auth failed: user=%s peer=%s key=%s reason=%s", self.tag, username,
                     self.peer, fingerprint, reason)

@@ -11,7 +11,7 @@ from pathlib import Path
 import docker
 import pytest
 
-from gateway.config import hash_password
+from gateway.auth import hash_password
 
 from .conftest import ROOT, GatewayProc, pubkey
 from .test_config import BAD_USERS
