@@ -1,0 +1,390 @@
+"""The three contenders on this machine, and everything they need; all of it removed at the end.
+
+- gateway: `python -m gateway serve` with a generated config and users file;
+- diy: OpenSSH `sshd` whose ForceCommand is `docker exec` into a DinD container started with the
+  gateway's own run flags (hardened profile) and limits;
+- plain: the same `sshd` binary with no ForceCommand (a shell on the host).
+
+Both sshd instances log in a temporary local account (shell /bin/sh, empty home, group docker)
+rather than root: root's ~/.bashrc here runs `pyenv init`, which would add ~0.3 s to every
+baseline login and flatter the gateway.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import pwd
+import secrets
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+BENCH_DIR = Path(__file__).resolve().parent
+SSHD = "/usr/sbin/sshd"
+SFTP_SERVER = "/usr/lib/openssh/sftp-server"
+LABEL_INSTANCE = "dind-gateway.instance"
+LABEL_OWNER = "dind-gateway.owner"
+LABEL_ROLE = "dind-gateway.role"
+USER_UID = 1000
+
+# The same caps for every user container, gateway and DIY alike (config/users.yaml's defaults).
+LIMITS = {"cpus": 2, "memory": "4g", "pids": 2000}
+LIMIT_FLAGS = ["--cpus", "2", "--memory", "4g", "--memory-swap", "4g", "--pids-limit", "2000"]
+# gateway/backend.py `_security()` for the hardened profile, and `_create()`'s --init.
+HARDENED_FLAGS = ["--init", "--cgroupns", "private", "--cap-add", "SYS_ADMIN",
+                  "--cap-add", "NET_ADMIN", "--security-opt", "seccomp=unconfined",
+                  "--security-opt", "apparmor=unconfined",
+                  "--security-opt", "systempaths=unconfined"]
+# Inner dockerd readiness, the gateway's probe, looped inside the container (20 ms period) so
+# the raw baseline pays one `docker exec`, not one per poll.
+READY_LOOP = ("i=0; until curl -sf --max-time 2 --unix-socket /var/run/docker.sock "
+              "http://docker/_ping >/dev/null 2>&1; do i=$((i+1)); [ $i -gt 9000 ] && exit 1; "
+              "sleep 0.02; done")
+
+SSH_OPTS = ["-o", "StrictHostKeyChecking=no", "-o", "UserKnownHostsFile=/dev/null",
+            "-o", "BatchMode=yes", "-o", "IdentitiesOnly=yes", "-o", "LogLevel=ERROR",
+            "-o", "ConnectTimeout=60"]
+
+
+_NETWORK_LOCK = threading.Lock()
+
+
+class BenchError(Exception):
+    """The harness could not set up or a measured command failed."""
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_banner(port: int, proc: subprocess.Popen, log: Path, timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise BenchError(f"{proc.args[0]} exited {proc.returncode}:\n{tail(log)}")
+        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port),
+                                                                    timeout=1) as s:
+            if s.recv(4).startswith(b"SSH-"):
+                return
+        time.sleep(0.1)
+    raise BenchError(f"nothing listens on 127.0.0.1:{port}:\n{tail(log)}")
+
+
+def tail(path: Path, n: int = 40) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-n:])
+    except FileNotFoundError:
+        return "(no log)"
+
+
+def docker(*args: str, timeout: float = 120, check: bool = True) -> str:
+    """Run the docker CLI; its stdout as text."""
+    p = subprocess.run(["docker", *args], capture_output=True, text=True, timeout=timeout,
+                       stdin=subprocess.DEVNULL)
+    if check and p.returncode != 0:
+        raise BenchError(f"docker {' '.join(args[:3])}…: {p.stderr.strip()}")
+    return p.stdout
+
+
+def remove_labelled(prefix: str, *extra: str) -> None:
+    """Remove containers, then networks, then volumes carrying our instance label (and extra)."""
+    flt = ["--filter", f"label={LABEL_INSTANCE}={prefix}"]
+    for e in extra:
+        flt += ["--filter", f"label={e}"]
+    ids = docker("ps", "-aq", *flt, check=False).split()
+    if ids:
+        docker("rm", "-f", "-v", *ids, check=False, timeout=300)
+    nets = docker("network", "ls", "-q", *flt, check=False).split()
+    if nets:
+        docker("network", "rm", *nets, check=False)
+    vols = docker("volume", "ls", "-q", *flt, check=False).split()
+    if vols:
+        docker("volume", "rm", "-f", *vols, check=False)
+
+
+@dataclass
+class Contender:
+    """How to reach one contender with the OpenSSH client."""
+
+    name: str  # gateway | diy | plain
+    port: int
+    keys: dict[str, Path]
+    account: str = ""  # login name for every bench user; "" = the bench user's own name
+    home: str = ""  # where files go: "" = the login's home (relative paths)
+
+    def login(self, user: str) -> str:
+        return f"{self.account or user}@127.0.0.1"
+
+    def ssh(self, user: str, *command: str, opts: tuple[str, ...] = ()) -> list[str]:
+        return ["ssh", "-p", str(self.port), "-i", str(self.keys[user]), *SSH_OPTS, *opts,
+                self.login(user), *command]
+
+    def scp_opts(self, user: str) -> list[str]:
+        return ["-P", str(self.port), "-i", str(self.keys[user]), *SSH_OPTS]
+
+    def path(self, name: str) -> str:
+        return f"{self.home}/{name}" if self.home else name
+
+
+@dataclass
+class Rig:
+    """Owns the temporary directory, processes and Docker objects of one benchmark run."""
+
+    image: str
+    users: list[str]  # bench users; users[0] does the single-session measurements
+    prefix: str = field(default_factory=lambda: f"dgwbench-{secrets.token_hex(2)}")
+    tmp: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="dgwbench-")))
+    account: str = field(default_factory=lambda: f"dgwb{secrets.token_hex(3)}")
+    procs: dict[str, subprocess.Popen] = field(default_factory=dict)
+    keys: dict[str, Path] = field(default_factory=dict)
+    account_made: bool = False
+    contenders: dict[str, Contender] = field(default_factory=dict)
+    # How the gateway is launched (bench/profile.py swaps in bench.gwtrace), and extra flags.
+    gateway_cmd: list[str] = field(default_factory=lambda: [sys.executable, "-m", "gateway"])
+    gateway_args: list[str] = field(default_factory=list)
+    gateway_root: Path = ROOT  # the directory `gateway/` is imported from
+
+    # --- names ------------------------------------------------------------------------------
+
+    @property
+    def diy_prefix(self) -> str:
+        return f"{self.prefix}-diy"
+
+    def gateway_container(self, user: str) -> str:
+        return f"{self.prefix}-{user}"
+
+    def gateway_pid(self) -> int:
+        return self.procs["gateway"].pid
+
+    def sshd_pid(self, name: str) -> int:
+        return self.procs[name].pid
+
+    # --- set-up -------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        os.chmod(self.tmp, 0o755)
+        docker("image", "inspect", self.image)
+        if not os.access(SSHD, os.X_OK):
+            raise BenchError(f"{SSHD} missing: apt-get install openssh-server")
+        self._make_keys()
+        self._make_account()
+        gw_port, diy_port, plain_port = free_port(), free_port(), free_port()
+        self._start_gateway(gw_port)
+        self._start_sshd("diy", diy_port)
+        self._start_sshd("plain", plain_port)
+        home = str(self.tmp / "home")
+        self.contenders = {
+            "gateway": Contender("gateway", gw_port, self.keys),
+            "diy": Contender("diy", diy_port, self.keys, account=self.account),
+            "plain": Contender("plain", plain_port, self.keys, account=self.account, home=home),
+        }
+
+    def _make_keys(self) -> None:
+        d = self.tmp / "keys"
+        d.mkdir(mode=0o700)
+        for user in self.users:
+            path = d / f"id_{user}"
+            subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", user, "-f",
+                            str(path)], check=True)
+            self.keys[user] = path
+
+    def _pub(self, user: str) -> str:
+        return self.keys[user].with_suffix(".pub").read_text().strip()
+
+    def _make_account(self) -> None:
+        home = self.tmp / "home"
+        subprocess.run(["useradd", "--system", "--no-create-home", "--home-dir", str(home),
+                        "--shell", "/bin/sh", "--groups", "docker", "--comment",
+                        "dind-gateway bench (temporary)", self.account], check=True,
+                       capture_output=True)
+        self.account_made = True
+        # "*": no password matches, but the account is not locked ("!" would refuse keys too).
+        subprocess.run(["usermod", "-p", "*", self.account], check=True, capture_output=True)
+        home.mkdir()
+        pw = pwd.getpwnam(self.account)
+        os.chown(home, pw.pw_uid, pw.pw_gid)
+
+    def _start_gateway(self, port: int) -> None:
+        d = self.tmp / "gateway"
+        d.mkdir()
+        users = {u: {"keys": [self._pub(u)], **LIMITS} for u in self.users}
+        (d / "users.yaml").write_text(yaml.safe_dump({"users": users}, sort_keys=False))
+        settings = {"listen": f"127.0.0.1:{port}", "users_file": "users.yaml",
+                    "state_dir": "state", "image": self.image, "prefix": self.prefix,
+                    "security_profile": "hardened", "ready_timeout": 180, "log_level": "info",
+                    "max_sessions": 100, "max_startups": 500}
+        (d / "gateway.yaml").write_text(yaml.safe_dump(settings, sort_keys=False))
+        log = d / "gateway.log"
+        with open(log, "ab") as logf:
+            self.procs["gateway"] = subprocess.Popen(
+                [*self.gateway_cmd, "serve", "--config", str(d / "gateway.yaml"),
+                 *self.gateway_args],
+                cwd=self.gateway_root, stdout=logf, stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL, env={**os.environ, "PYTHONPATH": str(ROOT)})
+        wait_banner(port, self.procs["gateway"], log)
+
+    def use_gateway_rev(self, rev: str) -> str:
+        """Run the gateway from a `git archive` snapshot of REV; returns the full commit id."""
+        sha = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--verify", f"{rev}^{{commit}}"],
+                             capture_output=True, text=True, check=True).stdout.strip()
+        dest = self.tmp / "gateway-src"
+        dest.mkdir()
+        archive = subprocess.run(["git", "-C", str(ROOT), "archive", sha, "gateway"],
+                                 capture_output=True, check=True).stdout
+        subprocess.run(["tar", "-x", "-C", str(dest)], input=archive, check=True)
+        self.gateway_root = dest
+        return sha
+
+    def _start_sshd(self, name: str, port: int) -> None:
+        d = self.tmp / f"sshd-{name}"
+        d.mkdir()
+        os.chmod(d, 0o755)
+        subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f",
+                        str(d / "host_key")], check=True)
+        if name == "diy":
+            # The wrappers are copied so the bench account can run them wherever the checkout is.
+            for script in ("diy-wrapper.sh", "diy-sftp.sh"):
+                shutil.copy(BENCH_DIR / script, d / script)
+                os.chmod(d / script, 0o755)
+            lines = [f'environment="DIY_USER={u}" {self._pub(u)}' for u in self.users]
+            extra = [f"ForceCommand {d}/diy-wrapper.sh {self.diy_prefix}",
+                     f"Subsystem sftp {d}/diy-sftp.sh {self.diy_prefix}",
+                     "PermitUserEnvironment DIY_USER"]
+        else:
+            lines = [self._pub(u) for u in self.users]
+            extra = [f"Subsystem sftp {SFTP_SERVER}"]
+        (d / "authorized_keys").write_text("\n".join(lines) + "\n")
+        os.chmod(d / "authorized_keys", 0o644)
+        config = [f"ListenAddress 127.0.0.1:{port}", f"HostKey {d}/host_key",
+                  f"PidFile {d}/sshd.pid", f"AuthorizedKeysFile {d}/authorized_keys",
+                  f"AllowUsers {self.account}", "PermitRootLogin no", "UsePAM no",
+                  "StrictModes no", "PubkeyAuthentication yes", "PasswordAuthentication no",
+                  "KbdInteractiveAuthentication no", "MaxStartups 500", "MaxSessions 100",
+                  "PrintMotd no", "PrintLastLog no", "UseDNS no", "LogLevel ERROR", *extra]
+        (d / "sshd_config").write_text("\n".join(config) + "\n")
+        Path("/run/sshd").mkdir(exist_ok=True)  # sshd's privilege separation directory
+        check = subprocess.run([SSHD, "-t", "-f", str(d / "sshd_config")], capture_output=True,
+                               text=True)
+        if check.returncode != 0:
+            raise BenchError(f"sshd config ({name}) rejected: {check.stderr.strip()}")
+        log = d / "sshd.log"
+        with open(log, "ab") as logf:
+            self.procs[name] = subprocess.Popen(
+                [SSHD, "-D", "-e", "-f", str(d / "sshd_config")], stdout=logf,
+                stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        wait_banner(port, self.procs[name], log)
+
+    # --- DinD containers outside the gateway (DIY and raw baselines) --------------------------
+
+    def run_argv(self, name: str, user: str, role: str) -> list[str]:
+        """`docker run` with the gateway's flags; network and volumes named after `name`."""
+        return ["docker", "run", "-d", "--name", name,
+                "--label", f"{LABEL_INSTANCE}={self.prefix}",
+                "--label", f"{LABEL_OWNER}={role}-{user}", "--label", f"{LABEL_ROLE}={role}",
+                "--hostname", f"{user}-devbox", "--network", name, *HARDENED_FLAGS,
+                "-e", f"DGW_USER={user}", "-e", f"DGW_UID={USER_UID}",
+                "-e", "DGW_PROFILE=hardened",
+                "--mount", f"type=volume,source={name}-home,target=/home/{user}",
+                "--mount", f"type=volume,source={name}-docker,target=/var/lib/docker",
+                *LIMIT_FLAGS, self.image]
+
+    def prepare_objects(self, name: str, user: str, role: str) -> None:
+        """The labelled network and (empty) volumes a `run_argv(name, ...)` container uses."""
+        labels = ["--label", f"{LABEL_INSTANCE}={self.prefix}",
+                  "--label", f"{LABEL_OWNER}={role}-{user}", "--label", f"{LABEL_ROLE}={role}"]
+        for vol in (f"{name}-home", f"{name}-docker"):
+            docker("volume", "create", *labels, vol)
+        with _NETWORK_LOCK:  # prepared from several threads during load set-up
+            self._network(name, labels)
+
+    def _network(self, name: str, labels: list[str]) -> None:
+        if docker("network", "inspect", name, check=False).strip() in ("", "[]"):
+            # An explicit subnet: Docker's default pools hold only ~30 bridge networks, and the
+            # gateway's per-user networks need those.
+            docker("network", "create", *labels, "--subnet", self._free_subnet(), name)
+
+    @staticmethod
+    def _free_subnet() -> str:
+        ids = docker("network", "ls", "-q").split()
+        used = set(docker("network", "inspect", "--format",
+                          "{{range .IPAM.Config}}{{.Subnet}} {{end}}", *ids).split())
+        for i in range(256):
+            if (subnet := f"10.213.{i}.0/24") not in used:
+                return subnet
+        raise BenchError("no free 10.213.x.0/24 subnet for a baseline network")
+
+    def diy_container(self, user: str) -> str:
+        return f"{self.diy_prefix}-{user}"
+
+    def start_diy(self, user: str) -> None:
+        name = self.diy_container(user)
+        self.prepare_objects(name, user, "diy")
+        subprocess.run(self.run_argv(name, user, "diy"), check=True, capture_output=True)
+
+    def wait_ready(self, name: str, timeout: float = 180) -> None:
+        """Until the inner dockerd answers /_ping (retrying while the container comes up)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            p = subprocess.run(["docker", "exec", name, "sh", "-c", READY_LOOP],
+                               capture_output=True, text=True, stdin=subprocess.DEVNULL)
+            if p.returncode == 0:
+                return
+            if time.monotonic() > deadline:
+                logs = docker("logs", "--tail", "15", name, check=False)
+                raise BenchError(f"{name} not ready: {p.stderr.strip()}\n{logs}")
+            time.sleep(0.02)
+
+    def check_parity(self, user: str) -> list[str]:
+        """Differences between the gateway's and the DIY container's run settings (empty: same)."""
+        gw = json.loads(docker("inspect", self.gateway_container(user)))[0]
+        diy = json.loads(docker("inspect", self.diy_container(user)))[0]
+
+        def view(c: dict) -> dict:
+            hc = c["HostConfig"]
+            return {
+                "Init": hc.get("Init"), "CgroupnsMode": hc.get("CgroupnsMode"),
+                "Privileged": hc.get("Privileged"),
+                "CapAdd": sorted(c.removeprefix("CAP_") for c in hc.get("CapAdd") or []),
+                "SecurityOpt": sorted(hc.get("SecurityOpt") or []),
+                "MaskedPaths": hc.get("MaskedPaths") or [],
+                "ReadonlyPaths": hc.get("ReadonlyPaths") or [],
+                "Memory": hc.get("Memory"), "MemorySwap": hc.get("MemorySwap"),
+                "NanoCpus": hc.get("NanoCpus"), "PidsLimit": hc.get("PidsLimit"),
+                "Runtime": hc.get("Runtime"), "Image": c["Config"]["Image"],
+                "Env": sorted(e for e in c["Config"]["Env"] if e.startswith("DGW_")),
+                "Mounts": sorted((m["Type"], m["Destination"]) for m in c["Mounts"]),
+                "Networks": len(c["NetworkSettings"]["Networks"]),
+            }
+
+        a, b = view(gw), view(diy)
+        return [f"{k}: gateway {a[k]!r} vs diy {b[k]!r}" for k in a if a[k] != b[k]]
+
+    # --- teardown ---------------------------------------------------------------------------
+
+    def close(self) -> None:
+        for name, proc in self.procs.items():
+            if proc.poll() is None:
+                proc.terminate()
+                try:
+                    proc.wait(15)
+                except subprocess.TimeoutExpired:
+                    print(f"bench: {name} did not stop; killing it", file=sys.stderr)
+                    proc.kill()
+                    proc.wait()
+        remove_labelled(self.prefix)
+        if self.account_made:
+            subprocess.run(["userdel", self.account], capture_output=True)
+        shutil.rmtree(self.tmp, ignore_errors=True)

@@ -1,0 +1,52 @@
+"""Issue 6: the benchmark harness in its --quick mode, so it never rots.
+
+Runs `python -m bench --quick` end to end (gateway, DIY sshd + docker exec, plain sshd, real
+OpenSSH clients) and checks that every measurement produced numbers.  Timing targets are NOT
+asserted: they are for the full run on a quiet machine (docs/benchmarks.md).
+"""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import docker
+
+from .conftest import IMAGE, ROOT
+
+NUM = r"\d+(?:\.\d+)?"
+MEASUREMENTS = ("warm_login", "cold_login", "idle_login", "stream_up", "stream_down",
+                "sftp_put", "sftp_get", "scp_put", "scp_get", "load_login")
+CONTENDERS = {"warm_login": ("gateway", "diy", "plain"), "cold_login": ("gateway", "raw"),
+              "idle_login": ("gateway", "raw"), "load_login": ("gateway", "diy")}
+
+
+def test_bench_quick(docker_client: docker.DockerClient, tmp_path: Path) -> None:
+    out_md = tmp_path / "benchmarks.md"
+    p = subprocess.run([sys.executable, "-m", "bench", "--quick", "--image", IMAGE,
+                        "--out", str(out_md)], cwd=ROOT, capture_output=True, text=True,
+                       timeout=600, stdin=subprocess.DEVNULL)
+    output = p.stdout + p.stderr
+    assert p.returncode == 0, output[-4000:]
+    for key in MEASUREMENTS:
+        for contender in CONTENDERS.get(key, ("gateway", "diy", "plain")):
+            row = rf"^{key}\s+{contender}\s+{NUM}\s+{NUM}\s+{NUM}\s+(s|MiB/s)\s+\d+\s+{NUM}$"
+            assert re.search(row, p.stdout, re.M), f"no numeric row {key}/{contender}:\n{output}"
+    for contender in ("gateway", "diy"):
+        assert re.search(rf"^load_summary\s+{contender}\s+sessions=5 users=2 .*failures=\d+ "
+                         rf"p50={NUM} p95={NUM}", p.stdout, re.M), output
+        assert re.search(rf"^load_rss\s+{contender}\s+idle_mib={NUM} open_mib={NUM} ",
+                         p.stdout, re.M), output
+    assert len(re.findall(r"^target: .*: (MET|NOT MET)$", p.stdout, re.M)) == 10, output
+    text = out_md.read_text()
+    for heading in ("## Machine", "## Results", "## Load", "## Targets", "## Profile notes"):
+        assert heading in text
+    assert "| warm_login | gateway |" in text
+    # everything the run created is gone
+    prefix = re.search(r"prefix (dgwbench-[0-9a-f]+)", p.stdout).group(1)
+    flt = {"label": f"dind-gateway.instance={prefix}"}
+    assert docker_client.containers.list(all=True, filters=flt) == []
+    assert docker_client.volumes.list(filters=flt) == []
+    assert docker_client.networks.list(filters=flt) == []
