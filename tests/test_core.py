@@ -5,6 +5,7 @@ from __future__ import annotations
 import concurrent.futures
 import hashlib
 import re
+import secrets
 import subprocess
 import time
 from pathlib import Path
@@ -263,7 +264,8 @@ def test_bad_users_yaml_refuses_to_start(tmp_path: Path, keys: dict[str, Path]) 
 def broken_images(docker_client: docker.DockerClient):
     """Derived images whose inner daemon crashes, or never answers."""
     from .conftest import IMAGE
-    tags = {"crash": "dgwtest/crash:latest", "hang": "dgwtest/hang:latest"}
+    suffix = secrets.token_hex(3)  # concurrent runs must not share (or delete) each other's
+    tags = {"crash": f"dgwtest/crash:{suffix}", "hang": f"dgwtest/hang:{suffix}"}
     entry = {"crash": '["/bin/sh","-c","echo dockerd: simulated failure XYZ >&2; exit 3"]',
              "hang": '["/bin/sh","-c","echo starting forever; exec sleep 1000"]'}
     import io
