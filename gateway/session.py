@@ -107,7 +107,11 @@ class GatewaySession(asyncssh.SSHServerSession):
     def data_received(self, data: bytes, datatype: asyncssh.DataType) -> None:
         self.bytes_in += len(data)
         if self._proc is None:
+            # No process yet (first contact can take seconds): hold the rest in asyncssh, whose
+            # window then stops the client, instead of queueing without bound; _run resumes.
             self._pending.append(data)
+            assert self._chan is not None
+            self._chan.pause_reading()
             return
         self._proc.stream.write(data)
         if self._proc.stream.buffered() > _HIGH_WATER:
@@ -186,6 +190,7 @@ class GatewaySession(asyncssh.SSHServerSession):
             self._pending.clear()
             if self._eof and not self._tty:
                 self._proc.stream.write_eof()
+            chan.resume_reading()
             await self._pump_output(self._proc)
             status = await self._proc.wait()
         except BackendError as exc:
