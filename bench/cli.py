@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import time
+import traceback
 from pathlib import Path
 
 from . import measure
@@ -149,7 +150,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         say("interrupted; cleaning up")
         status = 130
-    except BenchError as exc:
+    except Exception as exc:  # noqa: BLE001 - report, clean up, show what was measured
+        if not isinstance(exc, BenchError):
+            traceback.print_exc()
         print(f"bench: FAILED: {exc}", file=sys.stderr, flush=True)
         print(f"--- gateway log tail ---\n{tail(rig.tmp / 'gateway' / 'gateway.log')}",
               file=sys.stderr, flush=True)

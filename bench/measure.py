@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import os
 import re
 import shlex
@@ -279,6 +280,11 @@ def prepare_load_users(rig: Rig, users: list[str]) -> None:
             f.result()
 
 
+def _kill(proc: asyncio.subprocess.Process) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        proc.kill()
+
+
 async def _burst(c: Contender, users: list[str], n: int, command: str,
                  hold: bool) -> tuple[list[float], list[str], list[asyncio.subprocess.Process]]:
     """Start n sessions at once; login → first output line times, errors, held processes."""
@@ -295,10 +301,11 @@ async def _burst(c: Contender, users: list[str], n: int, command: str,
                 line = await asyncio.wait_for(proc.stdout.readline(), 300)
                 if line == b"up\n":
                     return time.perf_counter() - t0, "", proc
-                proc.kill()
+                _kill(proc)
                 err = await proc.stderr.read()
                 await proc.wait()
-                return None, f"{user}: {line!r} {err.decode(errors='replace').strip()}", None
+                return None, (f"{user}: exit {proc.returncode} {line!r} "
+                              f"{err.decode(errors='replace').strip()[-300:]}"), None
             out, err = await asyncio.wait_for(proc.communicate(), 300)
             dt = time.perf_counter() - t0
             if proc.returncode == 0 and out == b"ok\n":
@@ -306,7 +313,7 @@ async def _burst(c: Contender, users: list[str], n: int, command: str,
             return None, (f"{user}: exit {proc.returncode} {out[:100]!r} "
                           f"{err.decode(errors='replace').strip()[-300:]}"), None
         except TimeoutError:
-            proc.kill()
+            _kill(proc)
             await proc.wait()
             return None, f"{user}: timed out", None
 
@@ -326,50 +333,48 @@ async def _release(procs: list[asyncio.subprocess.Process]) -> None:
         try:
             await asyncio.wait_for(p.communicate(), 60)
         except TimeoutError:
-            p.kill()
+            _kill(p)
             await p.wait()
 
     await asyncio.gather(*(wait(p) for p in procs))
-
-
-def _settled_rss(measure, pause: float = 1.0) -> int:
-    time.sleep(pause)
-    return measure()
 
 
 def load(rig: Rig, plan: Plan, res: Results) -> None:
     users = rig.users[:plan.load_users]
     say(f"load: preparing {len(users)} users on gateway and diy")
     prepare_load_users(rig, users)
+    asyncio.run(_load(rig, plan, res, users))
+
+
+async def _load(rig: Rig, plan: Plan, res: Results, users: list[str]) -> None:
     cs = contenders(rig, "gateway", "diy")
     rss = {"gateway": lambda: rss_of(rig.gateway_pid()),
            "diy": lambda: rss_of_tree(rig.sshd_pid("diy"))}
     what = {"gateway": "gateway process", "diy": "sshd + docker CLI process tree"}
     times: dict[str, list[float]] = {c.name: [] for c in cs}
     errors: dict[str, list[str]] = {c.name: [] for c in cs}
-    for _ in range(plan.load_bursts):
+    for b in range(plan.load_bursts):
         for c in cs:
-            t, e, _ = asyncio.run(_burst(c, users, plan.load_sessions, "echo ok", hold=False))
+            t, e, _ = await _burst(c, users, plan.load_sessions, "echo ok", hold=False)
+            say(f"load: burst {b + 1} {c.name}: {len(t)} ok, {len(e)} failed")
             times[c.name] += t
             errors[c.name] += e
             for v in t:
                 res.add("load_login", c.name, "s", v)
-            time.sleep(1)
+            await asyncio.sleep(1)
     for c in cs:
-        idle = _settled_rss(rss[c.name])
-
-        async def hold(c: Contender = c) -> tuple[list[float], list[str], int]:
-            t, e, procs = await _burst(c, users, plan.load_sessions, "echo up; cat >/dev/null",
-                                       hold=True)
-            try:
-                await asyncio.sleep(1)
-                open_rss = rss[c.name]()
-            finally:
-                await _release(procs)
-            return t, e, open_rss
-
-        t, e, open_rss = asyncio.run(hold())
-        after = _settled_rss(rss[c.name], 2.0)
+        await asyncio.sleep(1)
+        idle = rss[c.name]()
+        t, e, procs = await _burst(c, users, plan.load_sessions, "echo up; cat >/dev/null",
+                                   hold=True)
+        try:
+            await asyncio.sleep(1)
+            open_rss = rss[c.name]()
+        finally:
+            await _release(procs)
+        say(f"load: {c.name}: {len(t)} held open, {len(e)} failed")
+        await asyncio.sleep(2)
+        after = rss[c.name]()
         res.load[c.name] = LoadResult(
             contender=c.name, users=len(users), sessions=plan.load_sessions,
             bursts=plan.load_bursts,

@@ -217,8 +217,16 @@ class Rig:
         pw = pwd.getpwnam(self.account)
         os.chown(home, pw.pw_uid, pw.pw_gid)
 
-    def _start_gateway(self, port: int) -> None:
-        d = self.tmp / "gateway"
+    def add_gateway(self, name: str, args: list[str], cmd: list[str] | None = None) -> Contender:
+        """A second gateway process (same prefix, users and containers), e.g. --no-uvloop."""
+        port = free_port()
+        self._start_gateway(port, name, args, cmd)
+        self.contenders[name] = Contender(name, port, self.keys)
+        return self.contenders[name]
+
+    def _start_gateway(self, port: int, name: str = "gateway", args: list[str] | None = None,
+                       cmd: list[str] | None = None) -> None:
+        d = self.tmp / name
         d.mkdir()
         users = {u: {"keys": [self._pub(u)], **LIMITS} for u in self.users}
         (d / "users.yaml").write_text(yaml.safe_dump({"users": users}, sort_keys=False))
@@ -226,15 +234,19 @@ class Rig:
                     "state_dir": "state", "image": self.image, "prefix": self.prefix,
                     "security_profile": "hardened", "ready_timeout": 180, "log_level": "info",
                     "max_sessions": 100, "max_startups": 500}
+        # Every bench client comes from 127.0.0.1: lift the per-source cap where it exists
+        # (the DIY sshd has no per-source limit either).
+        if "max_startups_per_source" in (self.gateway_root / "gateway" / "config.py").read_text():
+            settings["max_startups_per_source"] = 500
         (d / "gateway.yaml").write_text(yaml.safe_dump(settings, sort_keys=False))
         log = d / "gateway.log"
         with open(log, "ab") as logf:
-            self.procs["gateway"] = subprocess.Popen(
-                [*self.gateway_cmd, "serve", "--config", str(d / "gateway.yaml"),
-                 *self.gateway_args],
+            self.procs[name] = subprocess.Popen(
+                [*(cmd or self.gateway_cmd), "serve", "--config", str(d / "gateway.yaml"),
+                 *(self.gateway_args if args is None else args)],
                 cwd=self.gateway_root, stdout=logf, stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL, env={**os.environ, "PYTHONPATH": str(ROOT)})
-        wait_banner(port, self.procs["gateway"], log)
+        wait_banner(port, self.procs[name], log)
 
     def use_gateway_rev(self, rev: str) -> str:
         """Run the gateway from a `git archive` snapshot of REV; returns the full commit id."""
