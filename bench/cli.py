@@ -138,6 +138,7 @@ def main(argv: list[str] | None = None) -> int:
                  "transfer": measure.transfers, "cold": measure.cold_and_idle,
                  "load": measure.load}
         loads = [f"start {os.getloadavg()[0]:.1f}"]
+        rss = [f"start {measure.rss_of(rig.gateway_pid()) / MIB:.0f}"]
         for stage in STAGES:
             if stage in plan.stages:
                 t0 = time.perf_counter()
@@ -145,6 +146,9 @@ def main(argv: list[str] | None = None) -> int:
                 steps[stage](rig, plan, res)
                 say(f"{stage} done in {time.perf_counter() - t0:.0f} s")
                 loads.append(f"{stage} {os.getloadavg()[0]:.1f}")
+                rss.append(f"{stage} {measure.rss_of(rig.gateway_pid()) / MIB:.0f}")
+        res.notes.append("gateway VmRSS in MiB after start (one login) and after each stage: "
+                         + ", ".join(rss))
         res.notes.append(f"1-minute load average ({os.cpu_count()} cores here)"
                          " at start and after each stage: " + ", ".join(loads))
     except KeyboardInterrupt:

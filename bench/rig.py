@@ -217,15 +217,16 @@ class Rig:
         pw = pwd.getpwnam(self.account)
         os.chown(home, pw.pw_uid, pw.pw_gid)
 
-    def add_gateway(self, name: str, args: list[str], cmd: list[str] | None = None) -> Contender:
+    def add_gateway(self, name: str, args: list[str], cmd: list[str] | None = None,
+                    env: dict[str, str] | None = None) -> Contender:
         """A second gateway process (same prefix, users and containers), e.g. --no-uvloop."""
         port = free_port()
-        self._start_gateway(port, name, args, cmd)
+        self._start_gateway(port, name, args, cmd, env)
         self.contenders[name] = Contender(name, port, self.keys)
         return self.contenders[name]
 
     def _start_gateway(self, port: int, name: str = "gateway", args: list[str] | None = None,
-                       cmd: list[str] | None = None) -> None:
+                       cmd: list[str] | None = None, env: dict[str, str] | None = None) -> None:
         d = self.tmp / name
         d.mkdir()
         users = {u: {"keys": [self._pub(u)], **LIMITS} for u in self.users}
@@ -245,7 +246,8 @@ class Rig:
                 [*(cmd or self.gateway_cmd), "serve", "--config", str(d / "gateway.yaml"),
                  *(self.gateway_args if args is None else args)],
                 cwd=self.gateway_root, stdout=logf, stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL, env={**os.environ, "PYTHONPATH": str(ROOT)})
+                stdin=subprocess.DEVNULL,
+                env={**os.environ, "PYTHONPATH": str(ROOT), **(env or {})})
         wait_banner(port, self.procs[name], log)
 
     def use_gateway_rev(self, rev: str) -> str:
