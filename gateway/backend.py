@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import abc
 import asyncio
+import ipaddress
 import json
 import logging
 import time
@@ -156,7 +157,8 @@ class DockerBackend(Backend):
 
     def __init__(self, docker: DockerClient, *, image: str, prefix: str,
                  profile: str = "hardened", ready_timeout: float = 60.0,
-                 events: Events | None = None) -> None:
+                 events: Events | None = None,
+                 network_pool: str = "10.213.0.0/16", subnet_prefix: int = 28) -> None:
         if profile not in PROFILES:
             raise ValueError(f"unknown security profile {profile!r}")
         self.docker = docker
@@ -165,6 +167,10 @@ class DockerBackend(Backend):
         self.profile = profile
         self.ready_timeout = ready_timeout
         self.events = events or Events()
+        # Docker's default address pools hold ~30 bridge networks; a busy server has more
+        # users than that, so each user network gets a small subnet from our own pool.
+        self.network_pool = ipaddress.IPv4Network(network_pool)
+        self.subnet_prefix = subnet_prefix
         self._locks: dict[str, asyncio.Lock] = {}
         # container id + start time that we have seen ready: lets a warm login skip the ping.
         self._ready: dict[str, tuple[str, str]] = {}
@@ -315,13 +321,7 @@ class DockerBackend(Backend):
             await self.docker.request("POST", "/volumes/create",
                                       body={"Name": vol, "Labels": self.labels(user, **{
                                           LABEL_ROLE: role})})
-        try:
-            await self.docker.request("POST", "/networks/create", body={
-                "Name": net, "Driver": "bridge", "CheckDuplicate": True,
-                "Labels": self.labels(user)})
-        except DockerError as exc:
-            if exc.status != 409:
-                raise
+        await self._create_network(user)
         spec = {
             "Image": self.image,
             "Hostname": f"{user}-devbox",
@@ -350,6 +350,33 @@ class DockerBackend(Backend):
                     "The development image is missing on the server; please tell your admin.",
                     f"image {self.image} not found: {exc.message}", "image-missing") from exc
             raise
+
+    async def _create_network(self, user: str) -> None:
+        """The user's bridge network on the first free subnet of the pool (idempotent)."""
+        name = self.network_name(user)
+        networks = await self.docker.request("GET", "/networks")
+        if any(n.get("Name") == name for n in networks):
+            return
+        used = [ipaddress.ip_network(c["Subnet"], strict=False) for n in networks
+                for c in (n.get("IPAM") or {}).get("Config") or [] if c.get("Subnet")]
+        for subnet in self.network_pool.subnets(new_prefix=self.subnet_prefix):
+            if any(subnet.overlaps(u) for u in used):
+                continue
+            try:
+                await self.docker.request("POST", "/networks/create", body={
+                    "Name": name, "Driver": "bridge", "CheckDuplicate": True,
+                    "IPAM": {"Config": [{"Subnet": str(subnet)}]},
+                    "Labels": self.labels(user)})
+                return
+            except DockerError as exc:
+                if exc.status == 409:  # created meanwhile by another gateway process
+                    return
+                if "overlap" not in exc.message.lower():
+                    raise
+                used.append(subnet)  # taken by a concurrent create: try the next one
+        raise BackendError("No network could be set up for your environment; please tell "
+                           "your admin.", f"user_network_pool {self.network_pool} is full",
+                           "network-pool-full")
 
     async def _start(self, user: str) -> None:
         try:

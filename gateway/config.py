@@ -859,6 +859,21 @@ def _forward_rules(node: _Node, field: str, errs: _Errors) -> Any:
     return tuple(rules)
 
 
+USER_SUBNET_PREFIX = 28  # one /28 per user network: 14 addresses, only two are used
+
+
+def _network_pool(value: Any) -> ipaddress.IPv4Network:
+    if not isinstance(value, str):
+        raise ValueError("must be an IPv4 network like 10.213.0.0/16")
+    try:
+        net = ipaddress.IPv4Network(value, strict=True)
+    except ValueError as exc:
+        raise ValueError(f"{value!r} is not an IPv4 network like 10.213.0.0/16 ({exc})") from None
+    if net.prefixlen > USER_SUBNET_PREFIX:
+        raise ValueError(f"{value} is too small: each user gets a /{USER_SUBNET_PREFIX}")
+    return net
+
+
 _GATEWAY_SPEC: dict[str, Converter] = {
     "listen": _parsed(parse_address, what="host:port"),
     "users_file": _string(check=_non_blank),
@@ -881,6 +896,7 @@ _GATEWAY_SPEC: dict[str, Converter] = {
     "ban_max_seconds": _parsed(lambda v: parse_duration(v, allow_never=False),
                                what="a duration"),
     "allow_forward_to": _forward_rules,
+    "user_network_pool": _parsed(_network_pool, what="an IPv4 network"),
     "audit_log": _string(nullable=True, check=_non_blank),
     "audit_stdout": _boolean,
     "audit_max_size": _parsed(parse_size, what="a size"),
@@ -917,6 +933,7 @@ class GatewayConfig:
     ban_seconds: float  # first ban; it doubles on each repeat ...
     ban_max_seconds: float  # ... up to this
     allow_forward_to: tuple[ForwardRule, ...]
+    user_network_pool: ipaddress.IPv4Network  # carved into one /28 per user network
     audit_log: Path | None  # None: no audit file
     audit_stdout: bool
     audit_max_size: int  # bytes per audit file before it is rotated
@@ -978,6 +995,7 @@ _GATEWAY_DEFAULTS: dict[str, Any] = {
     "ban_seconds": "5m",
     "ban_max_seconds": "1d",
     "allow_forward_to": [],
+    "user_network_pool": "10.213.0.0/16",
     "audit_log": "audit.log",
     "audit_stdout": False,
     "audit_max_size": "50m",

@@ -235,7 +235,7 @@ class Gateway:
         self.backend: Backend = backend or DockerBackend(
             DockerClient(config.docker_url()), image=config.image, prefix=config.prefix,
             profile=config.security_profile, ready_timeout=config.ready_timeout,
-            events=self.events)
+            events=self.events, network_pool=str(config.user_network_pool))
         self.metrics = MetricsServer.for_gateway(self) if config.metrics_listen else None
         self.connections: set[Connection] = set()
         self.activity = Activity()

@@ -287,3 +287,40 @@ def test_daemon_failure_is_explained(make_gateway, broken_images, kind: str,
     assert r.returncode != 0 and r.returncode != 255
     assert expect in r.stderr.decode(), r.stderr
     assert gw.proc is not None and gw.proc.poll() is None  # the gateway keeps serving
+
+
+def test_user_networks_come_from_the_pool(gateway: GatewayProc,
+                                          docker_client: docker.DockerClient) -> None:
+    """Docker's default pools hold ~30 bridges; ours gives each user a /28 of its own pool."""
+    import asyncio
+    import ipaddress
+
+    from gateway.backend import BackendError, DockerBackend
+    from gateway.dockerapi import DockerClient
+
+    from .conftest import remove_labelled
+
+    warm(gateway, "alice")
+    net = docker_client.networks.get(gateway.container_name("alice"))
+    subnet = ipaddress.ip_network(net.attrs["IPAM"]["Config"][0]["Subnet"])
+    assert subnet.prefixlen == 28 and subnet.subnet_of(ipaddress.ip_network("10.213.0.0/16"))
+
+    prefix = f"dgwn{secrets.token_hex(3)}"
+    backend = DockerBackend(DockerClient(), image="unused", prefix=prefix,
+                            network_pool="10.214.77.0/24")
+
+    async def fill() -> list[str]:
+        for i in range(16):  # a /24 holds sixteen /28s ...
+            await backend._create_network(f"u{i}")
+        await backend._create_network("u3")  # idempotent
+        with pytest.raises(BackendError, match="10.214.77.0/24 is full") as info:
+            await backend._create_network("u16")  # ... and no seventeenth
+        assert "tell your admin" in info.value.user_message
+        return [n.attrs["IPAM"]["Config"][0]["Subnet"] for n in docker_client.networks.list(
+            filters={"label": f"dind-gateway.instance={prefix}"})]
+
+    try:
+        subnets = asyncio.run(fill())
+        assert len(subnets) == len(set(subnets)) == 16
+    finally:
+        remove_labelled(docker_client, prefix)
