@@ -13,11 +13,13 @@ baseline login and flatter the gateway.
 from __future__ import annotations
 
 import contextlib
+import ipaddress
 import json
 import os
 import pwd
 import secrets
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -37,6 +39,7 @@ LABEL_INSTANCE = "dind-gateway.instance"
 LABEL_OWNER = "dind-gateway.owner"
 LABEL_ROLE = "dind-gateway.role"
 USER_UID = 1000
+DIY_NETWORK_POOL = ipaddress.ip_network("10.214.0.0/16")
 
 # The same caps for every user container, gateway and DIY alike (config/users.yaml's defaults).
 LIMITS = {"cpus": 2, "memory": "4g", "pids": 2000}
@@ -115,6 +118,48 @@ def remove_labelled(prefix: str, *extra: str) -> None:
         docker("volume", "rm", "-f", *vols, check=False)
 
 
+ACCOUNT_COMMENT = "dind-gateway bench (temporary)"
+
+
+def _pid_of(pidfile: Path, marker: str) -> int | None:
+    """The live process named in pidfile whose command line contains marker, else None."""
+    try:
+        pid = int(pidfile.read_text().strip())
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+    except (OSError, ValueError):
+        return None
+    return pid if marker in cmdline else None
+
+
+def sweep_stale_runs() -> None:
+    """Remove what an earlier, SIGKILLed run left: processes, account, Docker objects, temp dir.
+
+    A run is stale when the `python -m bench` process recorded in its temp dir is gone.
+    """
+    for pw in pwd.getpwall():
+        if pw.pw_gecos != ACCOUNT_COMMENT:
+            continue
+        tmp = Path(pw.pw_dir).parent
+        if _pid_of(tmp / "bench.pid", "bench"):
+            continue  # a run in progress
+        for pidfile in tmp.glob("*/*.pid"):
+            if pid := _pid_of(pidfile, str(tmp)):
+                with contextlib.suppress(OSError):
+                    os.kill(pid, signal.SIGTERM)
+        try:
+            prefix = yaml.safe_load((tmp / "gateway" / "gateway.yaml").read_text())["prefix"]
+        except (OSError, TypeError, KeyError, yaml.YAMLError):
+            prefix = None
+        print(f"bench: removing leftovers of an earlier run ({pw.pw_name}, {prefix or '?'})",
+              flush=True)
+        time.sleep(1)
+        if prefix and str(prefix).startswith("dgwbench-"):
+            remove_labelled(str(prefix))
+        subprocess.run(["userdel", "--force", pw.pw_name], capture_output=True)
+        if tmp.name.startswith("dgwbench-"):
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
 @dataclass
 class Contender:
     """How to reach one contender with the OpenSSH client."""
@@ -176,9 +221,11 @@ class Rig:
 
     def start(self) -> None:
         os.chmod(self.tmp, 0o755)
+        (self.tmp / "bench.pid").write_text(f"{os.getpid()}\n")
         docker("image", "inspect", self.image)
         if not os.access(SSHD, os.X_OK):
             raise BenchError(f"{SSHD} missing: apt-get install openssh-server")
+        sweep_stale_runs()
         self._make_keys()
         self._make_account()
         gw_port, diy_port, plain_port = free_port(), free_port(), free_port()
@@ -208,7 +255,7 @@ class Rig:
         home = self.tmp / "home"
         subprocess.run(["useradd", "--system", "--no-create-home", "--home-dir", str(home),
                         "--shell", "/bin/sh", "--groups", "docker", "--comment",
-                        "dind-gateway bench (temporary)", self.account], check=True,
+                        ACCOUNT_COMMENT, self.account], check=True,
                        capture_output=True)
         self.account_made = True
         # "*": no password matches, but the account is not locked ("!" would refuse keys too).
@@ -248,6 +295,7 @@ class Rig:
                 cwd=self.gateway_root, stdout=logf, stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,
                 env={**os.environ, "PYTHONPATH": str(ROOT), **(env or {})})
+        (d / "gateway.pid").write_text(f"{self.procs[name].pid}\n")
         wait_banner(port, self.procs[name], log)
 
     def use_gateway_rev(self, rev: str) -> str:
@@ -325,20 +373,29 @@ class Rig:
             self._network(name, labels)
 
     def _network(self, name: str, labels: list[str]) -> None:
-        if docker("network", "inspect", name, check=False).strip() in ("", "[]"):
-            # An explicit subnet: Docker's default pools hold only ~30 bridge networks, and the
-            # gateway's per-user networks need those.
-            docker("network", "create", *labels, "--subnet", self._free_subnet(), name)
+        if docker("network", "inspect", name, check=False).strip() not in ("", "[]"):
+            return
+        # An explicit subnet outside Docker's default pools (they hold only ~30 bridge
+        # networks) and outside the gateway's user_network_pool (10.213.0.0/16 by default).
+        for _ in range(5):
+            p = subprocess.run(["docker", "network", "create", *labels, "--subnet",
+                                self._free_subnet(), name], capture_output=True, text=True)
+            if p.returncode == 0:
+                return
+            if "overlap" not in p.stderr:  # else: taken meanwhile by someone else; next one
+                break
+        raise BenchError(f"docker network create {name}: {p.stderr.strip()}")
 
     @staticmethod
     def _free_subnet() -> str:
         ids = docker("network", "ls", "-q").split()
-        used = set(docker("network", "inspect", "--format",
-                          "{{range .IPAM.Config}}{{.Subnet}} {{end}}", *ids).split())
-        for i in range(256):
-            if (subnet := f"10.213.{i}.0/24") not in used:
-                return subnet
-        raise BenchError("no free 10.213.x.0/24 subnet for a baseline network")
+        used = [ipaddress.ip_network(n, strict=False) for n in docker(
+            "network", "inspect", "--format", "{{range .IPAM.Config}}{{.Subnet}} {{end}}",
+            *ids).split() if "." in n]
+        for subnet in DIY_NETWORK_POOL.subnets(new_prefix=24):
+            if not any(subnet.overlaps(u) for u in used):
+                return str(subnet)
+        raise BenchError(f"no free /24 in {DIY_NETWORK_POOL} for a baseline network")
 
     def diy_container(self, user: str) -> str:
         return f"{self.diy_prefix}-{user}"
@@ -400,5 +457,5 @@ class Rig:
                     proc.wait()
         remove_labelled(self.prefix)
         if self.account_made:
-            subprocess.run(["userdel", self.account], capture_output=True)
+            subprocess.run(["userdel", "--force", self.account], capture_output=True)
         shutil.rmtree(self.tmp, ignore_errors=True)
