@@ -874,6 +874,31 @@ def _network_pool(value: Any) -> ipaddress.IPv4Network:
     return net
 
 
+DEFAULT_CIPHERS = ("aes128-gcm@openssh.com", "aes256-gcm@openssh.com")
+_WEAK_CIPHERS = {"3des-cbc", "blowfish-cbc", "cast128-cbc", "seed-cbc@ssh.com", "arcfour256",
+                 "arcfour128", "arcfour"}
+
+
+def _ciphers(node: _Node, field: str, errs: _Errors) -> Any:
+    from asyncssh.encryption import get_encryption_algs
+
+    known = [a.decode() for a in get_encryption_algs() if a.decode() not in _WEAK_CIPHERS]
+    if node.kind != "seq" or not node.value:
+        errs.add(node, field, "must be a non-empty list of cipher names, e.g. "
+                 f"[{', '.join(DEFAULT_CIPHERS)}]")
+        return _BAD
+    out = []
+    for i, item in enumerate(node.value):
+        if item.invalid:
+            return _BAD
+        if item.kind != "scalar" or not isinstance(item.value, str) or item.value not in known:
+            errs.add(item, f"{field}[{i}]", f"unknown or weak cipher {item.value!r}; "
+                     f"choose from {', '.join(known)}")
+            return _BAD
+        out.append(item.value)
+    return tuple(out)
+
+
 _GATEWAY_SPEC: dict[str, Converter] = {
     "listen": _parsed(parse_address, what="host:port"),
     "users_file": _string(check=_non_blank),
@@ -897,6 +922,7 @@ _GATEWAY_SPEC: dict[str, Converter] = {
                                what="a duration"),
     "allow_forward_to": _forward_rules,
     "user_network_pool": _parsed(_network_pool, what="an IPv4 network"),
+    "ciphers": _ciphers,
     "audit_log": _string(nullable=True, check=_non_blank),
     "audit_stdout": _boolean,
     "audit_max_size": _parsed(parse_size, what="a size"),
@@ -934,6 +960,7 @@ class GatewayConfig:
     ban_max_seconds: float  # ... up to this
     allow_forward_to: tuple[ForwardRule, ...]
     user_network_pool: ipaddress.IPv4Network  # carved into one /28 per user network
+    ciphers: tuple[str, ...]  # SSH encryption algorithms offered
     audit_log: Path | None  # None: no audit file
     audit_stdout: bool
     audit_max_size: int  # bytes per audit file before it is rotated
@@ -996,6 +1023,7 @@ _GATEWAY_DEFAULTS: dict[str, Any] = {
     "ban_max_seconds": "1d",
     "allow_forward_to": [],
     "user_network_pool": "10.213.0.0/16",
+    "ciphers": list(DEFAULT_CIPHERS),
     "audit_log": "audit.log",
     "audit_stdout": False,
     "audit_max_size": "50m",

@@ -259,6 +259,16 @@ BAD_GATEWAY = [
     ("users-file-empty", "users_file:\n", 1, "users_file", "must not be empty"),
     ("gateway-syntax", "listen: \"0.0.0.0:2222\nimage: x\n", 1, "listen", "YAML syntax error"),
     ("gateway-not-mapping", "just a string\n", 1, None, "must be a mapping"),
+    ("ciphers-weak", "listen: 0.0.0.0:22\nciphers:\n  - aes128-ctr\n  - arcfour\n", 4,
+     "ciphers[1]", "unknown or weak cipher 'arcfour'"),
+    ("ciphers-empty", "ciphers: []\n", 1, "ciphers", "non-empty list"),
+    ("ciphers-not-list", "ciphers: aes128-ctr\n", 1, "ciphers", "non-empty list"),
+    ("pool-too-small", "user_network_pool: 10.1.2.0/29\n", 1, "user_network_pool",
+     "too small"),
+    ("pool-not-network", "user_network_pool: 10.1.2.300/24\n", 1, "user_network_pool",
+     "not an IPv4 network"),
+    ("pool-host-bits", "user_network_pool: 10.1.2.3/16\n", 1, "user_network_pool",
+     "host bits set"),
 ]
 
 
