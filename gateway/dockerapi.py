@@ -17,6 +17,7 @@ from typing import Any
 from urllib.parse import quote, urlencode
 
 API_VERSION = "v1.41"
+_READ_SIZE = 256 * 1024
 _MAX_HEADER = 64 * 1024
 
 
@@ -55,6 +56,7 @@ class ExecStream:
         self._reader = reader
         self._writer = writer
         self.tty = tty
+        self._buf = bytearray()
 
     async def read(self) -> tuple[int, bytes]:
         """Next chunk of output as (stream, data); stream 1 = stdout, 2 = stderr.
@@ -62,21 +64,36 @@ class ExecStream:
         Returns (0, b"") at end of stream.  With a TTY the output is unframed and all stdout.
         """
         if self.tty:
-            data = await self._reader.read(256 * 1024)
+            data = await self._reader.read(_READ_SIZE)
             return (1, data) if data else (0, b"")
-        try:
-            header = await self._reader.readexactly(8)
-        except asyncio.IncompleteReadError:
-            return 0, b""
-        stream, size = header[0], struct.unpack(">I", header[4:])[0]
-        try:
-            data = await self._reader.readexactly(size)
-        except asyncio.IncompleteReadError as exc:
-            data = exc.partial
-        return (stream if stream in (1, 2) else 1), data
+        # Framed: read in bulk and hand out runs of whole frames of the same stream at once
+        # (fewer, larger channel writes than one read per 8-byte header and one per frame).
+        buf = self._buf
+        while True:
+            stream, parts, pos = 0, [], 0
+            while len(buf) - pos >= 8:
+                kind = buf[pos] if buf[pos] in (1, 2) else 1
+                size = int.from_bytes(buf[pos + 4:pos + 8], "big")
+                if len(buf) - pos - 8 < size or (stream and kind != stream):
+                    break
+                stream = kind
+                parts.append(bytes(buf[pos + 8:pos + 8 + size]))
+                pos += 8 + size
+            if parts:
+                del buf[:pos]
+                return stream, parts[0] if len(parts) == 1 else b"".join(parts)
+            data = await self._reader.read(_READ_SIZE)
+            if not data:
+                if len(buf) > 8:  # a frame cut short by the engine: pass on what came
+                    stream, rest = (buf[0] if buf[0] in (1, 2) else 1), bytes(buf[8:])
+                    buf.clear()
+                    return stream, rest
+                return 0, b""
+            buf += data
 
     def write(self, data: bytes) -> None:
-        self._writer.write(data)
+        if not self._writer.transport.is_closing():
+            self._writer.write(data)
 
     async def drain(self) -> None:
         await self._writer.drain()

@@ -64,6 +64,7 @@ class GatewaySession(asyncssh.SSHServerSession):
         self._command: str | None = None
         self._proc: ExecProcess | None = None
         self._pending: list[bytes] = []
+        self._inq: list[bytes] = []  # client input waiting for this loop pass's flush
         self._eof = False
         self._writable = asyncio.Event()
         self._writable.set()
@@ -113,7 +114,16 @@ class GatewaySession(asyncssh.SSHServerSession):
             assert self._chan is not None
             self._chan.pause_reading()
             return
-        self._proc.stream.write(data)
+        # One socket write per event-loop pass, not one per 32 KiB SSH packet.
+        self._inq.append(data)
+        if len(self._inq) == 1:
+            asyncio.get_running_loop().call_soon(self._flush_input)
+
+    def _flush_input(self) -> None:
+        if self._proc is None or not self._inq:
+            return
+        self._proc.stream.write(b"".join(self._inq) if len(self._inq) > 1 else self._inq[0])
+        self._inq.clear()
         if self._proc.stream.buffered() > _HIGH_WATER:
             assert self._chan is not None
             self._chan.pause_reading()
@@ -122,6 +132,7 @@ class GatewaySession(asyncssh.SSHServerSession):
     def eof_received(self) -> bool:
         self._eof = True
         if self._proc is not None and not self._tty:
+            self._flush_input()
             self._proc.stream.write_eof()
         return True  # keep our side open: output may still be coming
 
