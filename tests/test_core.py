@@ -307,13 +307,13 @@ def test_user_networks_come_from_the_pool(gateway: GatewayProc,
 
     prefix = f"dgwn{secrets.token_hex(3)}"
     backend = DockerBackend(DockerClient(), image="unused", prefix=prefix,
-                            network_pool="10.214.77.0/24")
+                            network_pool="10.215.77.0/24")
 
     async def fill() -> list[str]:
         for i in range(16):  # a /24 holds sixteen /28s ...
             await backend._create_network(f"u{i}")
         await backend._create_network("u3")  # idempotent
-        with pytest.raises(BackendError, match="10.214.77.0/24 is full") as info:
+        with pytest.raises(BackendError, match="10.215.77.0/24 is full") as info:
             await backend._create_network("u16")  # ... and no seventeenth
         assert "tell your admin" in info.value.user_message
         return [n.attrs["IPAM"]["Config"][0]["Subnet"] for n in docker_client.networks.list(
