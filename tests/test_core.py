@@ -324,3 +324,32 @@ def test_user_networks_come_from_the_pool(gateway: GatewayProc,
         assert len(subnets) == len(set(subnets)) == 16
     finally:
         remove_labelled(docker_client, prefix)
+
+
+def test_asyncssh_client_exec_signal_and_terminal(gateway: GatewayProc,
+                                                  keys: dict[str, Path]) -> None:
+    """The same paths with asyncssh as the client: signals (OpenSSH cannot send them)."""
+    import asyncio
+
+    import asyncssh
+
+    warm(gateway, "alice")
+
+    async def scenario() -> None:
+        key = asyncssh.read_private_key(str(keys["alice"]))
+        async with asyncssh.connect("127.0.0.1", gateway.port, username="alice",
+                                    client_keys=[key], known_hosts=None) as conn:
+            r = await conn.run("echo o; echo e >&2; exit 5", encoding=None)
+            assert (r.exit_status, r.stdout, r.stderr) == (5, b"o\n", b"e\n")
+            proc = await conn.create_process("echo ready; exec sleep 100")
+            assert await asyncio.wait_for(proc.stdout.readline(), 30) == "ready\n"
+            proc.send_signal("INT")
+            await asyncio.wait_for(proc.wait_closed(), 15)
+            assert proc.exit_status == 130
+            proc = await conn.create_process("stty size; echo $TERM", term_type="xterm-256color",
+                                             term_size=(101, 33))
+            out = await asyncio.wait_for(proc.stdout.read(), 30)
+            assert out.split() == ["33", "101", "xterm-256color"], out
+            proc.change_terminal_size(120, 40)
+
+    asyncio.run(scenario())
