@@ -19,6 +19,7 @@ from typing import Any
 
 from .dockerapi import DockerClient, DockerError, ExecStream
 from .events import Events
+from .prestart import Spares, encode_header
 
 log = logging.getLogger("dind_gateway.backend")
 
@@ -75,6 +76,7 @@ class ExecProcess:
         self.container = container
         self.exec_id = exec_id
         self.stream = stream
+        self.on_exit: Callable[[], object] | None = None
 
     async def resize(self, rows: int, cols: int) -> None:
         try:
@@ -88,6 +90,8 @@ class ExecProcess:
         while True:
             info = await self._backend.docker.exec_inspect(self.exec_id)
             if not info.get("Running") and info.get("ExitCode") is not None:
+                if self.on_exit is not None:
+                    self.on_exit()
                 return int(info["ExitCode"])
             if time.monotonic() > deadline:
                 return 255
@@ -158,7 +162,8 @@ class DockerBackend(Backend):
     def __init__(self, docker: DockerClient, *, image: str, prefix: str,
                  profile: str = "hardened", ready_timeout: float = 60.0,
                  events: Events | None = None,
-                 network_pool: str = "10.213.0.0/16", subnet_prefix: int = 28) -> None:
+                 network_pool: str = "10.213.0.0/16", subnet_prefix: int = 28,
+                 prestart: bool = True) -> None:
         if profile not in PROFILES:
             raise ValueError(f"unknown security profile {profile!r}")
         self.docker = docker
@@ -171,6 +176,7 @@ class DockerBackend(Backend):
         # users than that, so each user network gets a small subnet from our own pool.
         self.network_pool = ipaddress.IPv4Network(network_pool)
         self.subnet_prefix = subnet_prefix
+        self.spares = Spares(self) if prestart else None
         self._locks: dict[str, asyncio.Lock] = {}
         # container id + start time that we have seen ready: lets a warm login skip the ping.
         self._ready: dict[str, tuple[str, str]] = {}
@@ -240,8 +246,13 @@ class DockerBackend(Backend):
                 announce(f" ready in {elapsed:.1f} s\n")
             return state
 
-    async def stop(self, user: str) -> None:
+    def _forget(self, user: str) -> None:
         self._ready.pop(user, None)
+        if self.spares is not None:
+            self.spares.drop(user)
+
+    async def stop(self, user: str) -> None:
+        self._forget(user)
         t0 = time.monotonic()
         try:
             # 20 s: the inner dockerd itself waits 10 s for its containers to stop.
@@ -257,6 +268,21 @@ class DockerBackend(Backend):
     async def exec(self, user: str, argv: list[str], *, tty: bool, env: dict[str, str],
                    run_as: str, workdir: str) -> ExecProcess:
         name = self.container_name(user)
+        if self.spares is not None and self.spares.usable(user, tty, run_as, workdir):
+            spare = await self.spares.take(user)
+            if spare is not None:
+                exec_id, stream = spare
+                stream.write(encode_header(argv, env))
+                proc = ExecProcess(self, name, exec_id, stream)
+            else:
+                proc = await self._fresh_exec(name, argv, tty, env, run_as, workdir)
+            # the next session's spare starts once this one is over, not competing with it
+            proc.on_exit = lambda: asyncio.create_task(self.spares.replenish(user))
+            return proc
+        return await self._fresh_exec(name, argv, tty, env, run_as, workdir)
+
+    async def _fresh_exec(self, name: str, argv: list[str], tty: bool, env: dict[str, str],
+                          run_as: str, workdir: str) -> ExecProcess:
         exec_id = await self.docker.exec_create(
             name, argv, tty=tty, user=run_as, workdir=workdir,
             env=[f"{k}={v}" for k, v in env.items()])
@@ -272,7 +298,7 @@ class DockerBackend(Backend):
                 raise
 
     async def purge(self, user: str) -> None:
-        self._ready.pop(user, None)
+        self._forget(user)
         await self._ignore_missing("DELETE", f"/containers/{self.container_name(user)}",
                                    query={"force": 1, "v": 0})
         await self._ignore_missing("DELETE", f"/networks/{self.network_name(user)}")

@@ -91,6 +91,10 @@ class ExecStream:
                 return 0, b""
             buf += data
 
+    def at_eof(self) -> bool:
+        """The engine closed the stream and everything read has been handed out."""
+        return not self._buf and self._reader.at_eof()
+
     def write(self, data: bytes) -> None:
         if not self._writer.transport.is_closing():
             self._writer.write(data)

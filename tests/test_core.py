@@ -353,3 +353,32 @@ def test_asyncssh_client_exec_signal_and_terminal(gateway: GatewayProc,
             proc.change_terminal_size(120, 40)
 
     asyncio.run(scenario())
+
+
+def test_prestarted_process_serves_the_next_exec(gateway: GatewayProc,
+                                                 docker_client: docker.DockerClient) -> None:
+    """After a session one spare waits; the next exec uses it with exact argv, env and stdin."""
+    warm(gateway, "bob")
+    c = docker_client.containers.get(gateway.container_name("bob"))
+
+    def spares() -> list[str]:
+        out = c.exec_run(["ps", "-eo", "pid,args"]).output.decode()
+        return [ln for ln in out.splitlines() if "dgw-spare" in ln]
+
+    deadline = time.monotonic() + 10
+    while len(spares()) != 1 and time.monotonic() < deadline:
+        time.sleep(0.1)
+    before = spares()
+    assert len(before) == 1, before
+    tricky = "printf '%s|' \"a'b\" 'c  d' \"$(printf 'x\\ny')\" \"$LANG\"; head -c 5; echo"
+    r = subprocess.run([*gateway.ssh_args("bob", None, "-o", "SendEnv=LANG"), tricky],
+                       input=b"12345rest", capture_output=True, timeout=60,
+                       env={"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8"})
+    assert r.returncode == 0, r.stderr
+    assert r.stdout == b"a'b|c  d|x\ny|C.UTF-8|12345\n"
+    assert r.stderr == b""
+    deadline = time.monotonic() + 10
+    while (len(spares()) != 1 or spares() == before) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    after = spares()
+    assert len(after) == 1 and after != before  # used, then replaced: never more than one
