@@ -17,6 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from .aio import background
 from .dockerapi import DockerClient, DockerError, ExecStream
 from .events import Events
 from .prestart import Spares, encode_header
@@ -64,16 +65,13 @@ class EnvState:
     ip: str = ""
     status: str = "missing"
     limits: Limits = field(default_factory=Limits)
-    labels: dict[str, str] = field(default_factory=dict)
 
 
 class ExecProcess:
     """A process started in an environment: its byte stream plus resize / wait / signal."""
 
-    def __init__(self, backend: DockerBackend, container: str, exec_id: str,
-                 stream: ExecStream) -> None:
+    def __init__(self, backend: DockerBackend, exec_id: str, stream: ExecStream) -> None:
         self._backend = backend
-        self.container = container
         self.exec_id = exec_id
         self.stream = stream
         self.on_exit: Callable[[], object] | None = None
@@ -211,8 +209,7 @@ class DockerBackend(Backend):
             user = (c.get("Labels") or {}).get(LABEL_OWNER)
             if user and f"/{self.container_name(user)}" in c.get("Names", []):
                 out.append(EnvState(user=user, exists=True, running=c.get("State") == "running",
-                                    container_id=c["Id"], status=c.get("State", ""),
-                                    labels=c.get("Labels") or {}))
+                                    container_id=c["Id"], status=c.get("State", "")))
         return out
 
     async def has_workloads(self, user: str) -> bool:
@@ -273,11 +270,11 @@ class DockerBackend(Backend):
             if spare is not None:
                 exec_id, stream = spare
                 stream.write(encode_header(argv, env))
-                proc = ExecProcess(self, name, exec_id, stream)
+                proc = ExecProcess(self, exec_id, stream)
             else:
                 proc = await self._fresh_exec(name, argv, tty, env, run_as, workdir)
             # the next session's spare starts once this one is over, not competing with it
-            proc.on_exit = lambda: asyncio.create_task(self.spares.replenish(user))
+            proc.on_exit = lambda: background(self.spares.replenish(user))
             return proc
         return await self._fresh_exec(name, argv, tty, env, run_as, workdir)
 
@@ -287,7 +284,7 @@ class DockerBackend(Backend):
             name, argv, tty=tty, user=run_as, workdir=workdir,
             env=[f"{k}={v}" for k, v in env.items()])
         stream = await self.docker.exec_start(exec_id, tty)
-        return ExecProcess(self, name, exec_id, stream)
+        return ExecProcess(self, exec_id, stream)
 
     async def update_limits(self, user: str, limits: Limits) -> None:
         try:
@@ -458,5 +455,4 @@ class DockerBackend(Backend):
             started_at=st.get("StartedAt", ""), ip=ip, status=st.get("Status", "unknown"),
             limits=Limits(cpus=(hc.get("NanoCpus") or 0) / 1e9 or None,
                           memory=hc.get("Memory") or None,
-                          pids=hc.get("PidsLimit") if (hc.get("PidsLimit") or 0) > 0 else None),
-            labels=info.get("Config", {}).get("Labels") or {})
+                          pids=hc.get("PidsLimit") if (hc.get("PidsLimit") or 0) > 0 else None))

@@ -12,6 +12,7 @@ from __future__ import annotations
 import difflib
 import enum
 import fnmatch
+import functools
 import hashlib
 import ipaddress
 import math
@@ -639,6 +640,11 @@ class UsersConfig:
     def user(self, name: str) -> User | None:
         """Look a user up by login name."""
         return self.users.get(name)
+
+    @functools.cached_property
+    def has_passwords(self) -> bool:
+        """Whether any user has a password hash (password auth is offered only then)."""
+        return any(u.has_password_auth for u in self.users.values())
 
 
 _LIMIT_SPEC: dict[str, Converter] = {

@@ -37,7 +37,6 @@ class UsersReloader:
         self._stamp = self._file_stamp()
         self._task: asyncio.Task[None] | None = None
         self._lock = asyncio.Lock()
-        self.last_error: str | None = None
 
     def _file_stamp(self) -> tuple[int, int, int] | None:
         try:
@@ -69,7 +68,6 @@ class UsersReloader:
             try:
                 new = await asyncio.to_thread(load_users, path)
             except ConfigError as exc:
-                self.last_error = str(exc)
                 log.error("users file refused (%s), keeping the last good one: %s", reason, exc)
                 gw.events.emit("config.reload", accepted=False, reason=reason, error=str(exc))
                 return False, str(exc)
@@ -77,7 +75,6 @@ class UsersReloader:
                 log.info("users file checked (%s): unchanged", reason)
                 return True, "unchanged"
             old, gw.users = gw.users, new
-            self.last_error = None
             summary = await self.apply(old, new)
             log.info("users file reloaded (%s): %s", reason, summary)
             gw.events.emit("config.reload", accepted=True, reason=reason, users=len(new.users),

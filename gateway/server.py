@@ -14,6 +14,7 @@ import asyncssh
 
 from . import forwarding
 from .admin import AdminServer
+from .aio import background
 from .audit import AuditLog
 from .auth import AuthorizedKey, match_key, verify_password
 from .backend import Backend, DockerBackend, EnvState
@@ -120,17 +121,11 @@ class Connection(asyncssh.SSHServer):
             if entry is not None:
                 self.user, self.key = user, entry
                 return True
-        fingerprint = key.get_fingerprint()
-        log.warning("[%s] auth failed: user=%s peer=%s key=%s reason=%s", self.tag, username,
-                    self.peer, fingerprint, reason)
-        self.gateway.events.emit("auth.failure", conn=self.id, peer=self.peer, user=username,
-                                 method="publickey", key=fingerprint, reason=reason)
-        self.gateway.guard.auth_failed(self.id)
-        return False
+        return self._auth_failed(username, "publickey", reason, key.get_fingerprint())
 
     def password_auth_supported(self) -> bool:
         """Offered only when some user has a password hash configured."""
-        return any(u.has_password_auth for u in self.gateway.users.users.values())
+        return self.gateway.users.has_passwords
 
     async def validate_password(self, username: str, password: str) -> bool:
         user = self.gateway.users.user(username)
@@ -143,10 +138,16 @@ class Connection(asyncssh.SSHServer):
                     self.user, self.key = user, None
                     return True
                 reason = "wrong password"
-        log.warning("[%s] auth failed: user=%s peer=%s method=password reason=%s", self.tag,
-                    username, self.peer, reason)
+        return self._auth_failed(username, "password", reason)
+
+    def _auth_failed(self, username: str, method: str, reason: str,
+                     fingerprint: str | None = None) -> bool:
+        """Log, audit and count one failed attempt; always False (the answer to the client)."""
+        what = f"key={fingerprint}" if fingerprint else f"method={method}"
+        log.warning("[%s] auth failed: user=%s peer=%s %s reason=%s", self.tag, username,
+                    self.peer, what, reason)
         self.gateway.events.emit("auth.failure", conn=self.id, peer=self.peer, user=username,
-                                 method="password", reason=reason)
+                                 method=method, key=fingerprint, reason=reason)
         self.gateway.guard.auth_failed(self.id)
         return False
 
@@ -313,9 +314,9 @@ class Gateway:
     def install_signal_handlers(self) -> None:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, lambda: asyncio.create_task(self.close()))
+            loop.add_signal_handler(sig, lambda: background(self.close()))
         # SIGHUP re-reads the users file, like sshd re-reads its configuration.
         loop.add_signal_handler(signal.SIGHUP,
-                                lambda: asyncio.create_task(self.reloader.reload("SIGHUP")))
+                                lambda: background(self.reloader.reload("SIGHUP")))
 
 

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING
 
 import asyncssh
 
+from .aio import background
 from .backend import INNER_DOCKER_HOST, BackendError, ExecProcess
 from .dockerapi import DockerError
 
@@ -63,8 +64,7 @@ class GatewaySession(asyncssh.SSHServerSession):
         self._kind = ""  # shell | exec | sftp
         self._command: str | None = None
         self._proc: ExecProcess | None = None
-        self._pending: list[bytes] = []
-        self._inq: list[bytes] = []  # client input waiting for this loop pass's flush
+        self._inq: list[bytes] = []  # client input not yet written to the process
         self._eof = False
         self._writable = asyncio.Event()
         self._writable.set()
@@ -107,15 +107,14 @@ class GatewaySession(asyncssh.SSHServerSession):
 
     def data_received(self, data: bytes, datatype: asyncssh.DataType) -> None:
         self.bytes_in += len(data)
+        self._inq.append(data)
         if self._proc is None:
             # No process yet (first contact can take seconds): hold the rest in asyncssh, whose
             # window then stops the client, instead of queueing without bound; _run resumes.
-            self._pending.append(data)
             assert self._chan is not None
             self._chan.pause_reading()
             return
         # One socket write per event-loop pass, not one per 32 KiB SSH packet.
-        self._inq.append(data)
         if len(self._inq) == 1:
             asyncio.get_running_loop().call_soon(self._flush_input)
 
@@ -127,7 +126,7 @@ class GatewaySession(asyncssh.SSHServerSession):
         if self._proc.stream.buffered() > _HIGH_WATER:
             assert self._chan is not None
             self._chan.pause_reading()
-            asyncio.create_task(self._drain_then_resume(self._proc))
+            background(self._drain_then_resume(self._proc))
 
     def eof_received(self) -> bool:
         self._eof = True
@@ -141,11 +140,11 @@ class GatewaySession(asyncssh.SSHServerSession):
         if width and height:
             self._size = (width, height)
             if self._proc is not None:
-                asyncio.create_task(self._proc.resize(height, width))
+                background(self._proc.resize(height, width))
 
     def signal_received(self, signal: str) -> None:
         if signal in _SIGNALS and self._proc is not None:
-            asyncio.create_task(self._deliver_signal(signal))
+            background(self._deliver_signal(signal))
 
     def break_received(self, msec: int) -> bool:
         return False
@@ -195,10 +194,8 @@ class GatewaySession(asyncssh.SSHServerSession):
                 conn.user.name, argv, tty=self._tty, env=env, run_as=conn.user.name,
                 workdir=f"/home/{conn.user.name}")
             if self._tty:
-                asyncio.create_task(self._proc.resize(self._size[1], self._size[0]))
-            for data in self._pending:
-                self._proc.stream.write(data)
-            self._pending.clear()
+                background(self._proc.resize(self._size[1], self._size[0]))
+            self._flush_input()
             if self._eof and not self._tty:
                 self._proc.stream.write_eof()
             chan.resume_reading()
