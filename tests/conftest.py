@@ -24,6 +24,50 @@ IMAGE = os.environ.get("DGW_TEST_IMAGE", "dind-gateway/dind:latest")
 USERS = ("alice", "bob", "carol", "dave", "erin")
 
 
+_NO_BARE = """#!/bin/sh
+echo "a test started a bare '$(basename "$0")' from PATH; use sys.executable" >&2
+exit 127
+"""
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Shadow python/pip on PATH for the whole run, so a bare `python` in a test fails here
+    exactly as it would on a fresh machine where only .venv has the dependencies."""
+    shims = Path(config.rootpath) / ".pytest-shims"
+    shims.mkdir(exist_ok=True)
+    for name in ("python", "python3", "pip", "pip3"):
+        path = shims / name
+        path.write_text(_NO_BARE)
+        path.chmod(0o755)
+    os.environ["PATH"] = f"{shims}{os.pathsep}{os.environ.get('PATH', '')}"
+
+
+def wait_for(predicate, timeout: float, interval: float = 0.1) -> bool:
+    """Poll a condition until it holds or the deadline passes; the last answer."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(interval)
+    return bool(predicate())
+
+
+def container_status(client: docker.DockerClient, name: str) -> str:
+    try:
+        return client.containers.get(name).status
+    except docker.errors.NotFound:
+        return "missing"
+
+
+def processes(client: docker.DockerClient, name: str) -> list[str]:
+    """Command lines of the processes running in a container (empty if it is not running)."""
+    try:
+        out = client.containers.get(name).exec_run(["ps", "-eo", "args"]).output
+    except (docker.errors.NotFound, docker.errors.APIError):
+        return []
+    return out.decode(errors="replace").splitlines()[1:]
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

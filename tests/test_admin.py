@@ -13,9 +13,8 @@ import pytest
 
 from gateway.auth import hash_password
 
-from .conftest import ROOT, GatewayProc, pubkey
+from .conftest import ROOT, GatewayProc, container_status, pubkey, wait_for
 from .test_config import BAD_USERS
-from .test_workflow import container_status, wait_for
 
 
 def cli(gw: GatewayProc, *args: str, input: str | None = None) -> subprocess.CompletedProcess:
@@ -133,7 +132,6 @@ def test_malformed_edits_are_refused_and_old_config_stays(live: GatewayProc,
     """Each bad edit is refused with file:line: field in the log; logins keep working."""
     live.write_users(users(keys))
     assert wait_for(lambda: live.ssh("alice", "true").returncode == 0, 10)
-    assert len(BAD_LIVE) >= 30
     for name, text, line, field, _fragment in BAD_LIVE:
         before = live.tail(100000).count("users file refused")
         live.users_file.write_text(text)

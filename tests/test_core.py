@@ -7,6 +7,7 @@ import hashlib
 import re
 import secrets
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -108,11 +109,14 @@ def test_pty_shell_docker_build_and_run(gateway: GatewayProc) -> None:
         assert "tini version" in out and "rc=0" in out, out
         # live resize reaches the shell
         child.setwinsize(40, 120)
-        time.sleep(0.5)
-        assert run_pty(child, "stty size").strip() == "40 120"
-        # Ctrl-C reaches the foreground process
-        child.sendline("sleep 100")
-        time.sleep(1)
+        deadline = time.monotonic() + 10
+        while (size := run_pty(child, "stty size").strip()) != "40 120" and \
+                time.monotonic() < deadline:
+            pass  # the window-change travels on its own; ask again until it has arrived
+        assert size == "40 120"
+        # Ctrl-C reaches the foreground process (once it runs: it says so first)
+        child.sendline("sh -c 'echo SLEEP''ING; exec sleep 100'")
+        child.expect_exact("SLEEPING", timeout=30)
         child.sendcontrol("c")
         child.expect_exact(PROMPT, timeout=10)
         assert run_pty(child, "echo rc=$?").strip() == "rc=130"
@@ -253,7 +257,7 @@ def test_bad_users_yaml_refuses_to_start(tmp_path: Path, keys: dict[str, Path]) 
     gw.users_file.write_text("users:\n  alice:\n    memory: 4x\n    keys: []\n")
     gw.config.write_text(f"listen: 127.0.0.1:{gw.port}\nusers_file: users.yaml\n"
                          "state_dir: state\n")
-    r = subprocess.run(["python", "-m", "gateway", "serve", "--config", str(gw.config)],
+    r = subprocess.run([sys.executable, "-m", "gateway", "serve", "--config", str(gw.config)],
                        capture_output=True, text=True, timeout=30,
                        cwd=Path(__file__).resolve().parent.parent)
     assert r.returncode != 0
@@ -346,11 +350,21 @@ def test_asyncssh_client_exec_signal_and_terminal(gateway: GatewayProc,
             proc.send_signal("INT")
             await asyncio.wait_for(proc.wait_closed(), 15)
             assert proc.exit_status == 130
-            proc = await conn.create_process("stty size; echo $TERM", term_type="xterm-256color",
-                                             term_size=(101, 33))
-            out = await asyncio.wait_for(proc.stdout.read(), 30)
-            assert out.split() == ["33", "101", "xterm-256color"], out
+            proc = await conn.create_process(
+                "stty -echo; stty size; echo $TERM; while read x; do stty size; done",
+                term_type="xterm-256color", term_size=(101, 33))
+            first = [await asyncio.wait_for(proc.stdout.readline(), 30) for _ in range(2)]
+            assert [ln.split() for ln in first] == [["33", "101"], ["xterm-256color"]], first
             proc.change_terminal_size(120, 40)
+            # the resize and the next line travel apart: ask until the new size shows
+            for _ in range(50):
+                proc.stdin.write("\n")
+                size = (await asyncio.wait_for(proc.stdout.readline(), 30)).split()
+                if size == ["40", "120"]:
+                    break
+            assert size == ["40", "120"], size
+            proc.stdin.write("\x04")
+            await asyncio.wait_for(proc.wait_closed(), 15)
 
     asyncio.run(scenario())
 

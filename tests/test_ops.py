@@ -32,7 +32,7 @@ from gateway.audit import AuditLog
 from gateway.events import Events
 from gateway.guard import Guard, source_of
 
-from .conftest import GatewayProc, free_port
+from .conftest import GatewayProc, free_port, wait_for
 
 # --------------------------------------------------------------------------------------------
 # Guard (unit)
@@ -354,7 +354,10 @@ def test_audit_log_and_metrics_follow_real_sessions(make_gateway, keys: dict[str
         fwd.wait(10)
     forward_works = status == 200
 
-    time.sleep(0.5)  # the last connection.close is written after the client exits
+    # the last connection.close is written just after the client exits
+    assert wait_for(lambda: (lambda ev: sum(e["event"] == "connection.open" for e in ev) ==
+                             sum(e["event"] == "connection.close" for e in ev))(
+                                 audit_events(gw)), 10)
     events = audit_events(gw)
     assert stat.S_IMODE((gw.dir / "state" / "audit.log").stat().st_mode) == 0o600
     for e in events:

@@ -26,7 +26,7 @@ import docker
 import pexpect
 import pytest
 
-from .conftest import IMAGE, GatewayProc, pubkey, remove_labelled
+from .conftest import IMAGE, GatewayProc, pubkey, remove_labelled, wait_for
 
 TOOLS = ("scp", "scp-O", "sftp", "rsync")
 BIG = 1 << 30
@@ -285,7 +285,8 @@ def test_upload_as_first_contact(xgw: GatewayProc, docker_client: docker.DockerC
 
 
 def test_first_contact_upload_is_flow_controlled(make_gateway, slow_image: str,
-                                                 keys: dict[str, Path]) -> None:
+                                                 keys: dict[str, Path],
+                                                 docker_client: docker.DockerClient) -> None:
     """While the container is still starting, the client must be held back by the SSH window;
     the gateway must not swallow the upload into memory (it used to, without bound)."""
     gw = make_gateway(image=slow_image)
@@ -311,8 +312,15 @@ def test_first_contact_upload_is_flow_controlled(make_gateway, slow_image: str,
 
     writer = threading.Thread(target=feed, daemon=True)
     writer.start()
-    time.sleep(3)  # the slow image needs > 4 s before its daemon can answer
+    # measured once the container has run 4 s without a daemon: the client was free to push
+    def logs() -> str:
+        try:
+            return docker_client.containers.get(gw.container_name("alice")).logs().decode()
+        except docker.errors.NotFound:
+            return ""
+    assert wait_for(lambda: "dind-init: starting" in logs(), 60)
     held_back_at = sent[0]
+    assert "API listen on" not in logs()  # still starting when we looked
     writer.join(300)  # stdout/stderr are a few bytes: no pipe fills meanwhile
     assert proc.stdout is not None and proc.stderr is not None
     out, err = proc.stdout.read(), proc.stderr.read()

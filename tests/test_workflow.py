@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import contextlib
 import subprocess
-import time
+import threading
 from pathlib import Path
 
 import docker
 import pytest
 
-from .conftest import USERS, GatewayProc, free_port, pubkey
+from .conftest import GatewayProc, container_status, free_port, processes, pubkey, wait_for
 
 # Inner images built from files already in the DinD image (no registry anywhere).
 PYWEB = ("tar -ch usr/bin/python3.11 usr/lib/python3.11 --exclude=usr/lib/python3.11/test "
@@ -20,22 +20,6 @@ SLEEPER = ("cd / && tar -ch usr/bin/sleep $(ldd /usr/bin/sleep | grep -o '/[^ ]*
            "sed 's,^/,,') 2>/dev/null | docker import - sleeper >/dev/null")
 
 
-def wait_for(predicate, timeout: float, interval: float = 0.25) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(interval)
-    return predicate()
-
-
-def container_status(client: docker.DockerClient, name: str) -> str:
-    try:
-        return client.containers.get(name).status
-    except docker.errors.NotFound:
-        return "missing"
-
-
 def forward_attempt(gw: GatewayProc, user: str, dest: str) -> bytes:
     """Open `ssh -N -L` to dest, push connections through it; ssh's stderr."""
     port = free_port()
@@ -43,15 +27,26 @@ def forward_attempt(gw: GatewayProc, user: str, dest: str) -> bytes:
                                            f"127.0.0.1:{port}:{dest}")],
                               stdin=subprocess.DEVNULL, stderr=subprocess.PIPE)
     url = f"http://127.0.0.1:{port}/"
+    err = bytearray()
+    reader = threading.Thread(target=_collect, args=(tunnel.stderr, err), daemon=True)
+    reader.start()
     try:
-        # curl exits 7 until ssh listens locally; each later try opens a channel
+        # curl exits 7 until ssh listens locally; each later try opens a channel, and ssh
+        # reports the gateway's answer on stderr
         wait_for(lambda: subprocess.run(["curl", "-s", "--max-time", "3", url],
                                         capture_output=True).returncode != 7, 20)
-        time.sleep(0.5)
+        wait_for(lambda: b"open failed" in err, 10)
     finally:
         tunnel.terminate()
-        _, err = tunnel.communicate(timeout=10)
-    return err
+        tunnel.wait(10)
+        reader.join(10)
+    return bytes(err)
+
+
+def _collect(stream, into: bytearray) -> None:
+    """Everything a pipe delivers, line by line, as it comes."""
+    for line in iter(stream.readline, b""):
+        into.extend(line)
 
 
 def test_local_forward_reaches_inner_published_port(gateway: GatewayProc) -> None:
@@ -97,7 +92,8 @@ def test_key_without_port_forwarding_is_refused(make_gateway, keys: dict[str, Pa
     assert b"not in this key's permitopen" in err, err
 
 
-def test_max_sessions(make_gateway, keys: dict[str, Path]) -> None:
+def test_max_sessions(make_gateway, keys: dict[str, Path],
+                      docker_client: docker.DockerClient) -> None:
     gw = make_gateway()
     gw.write_users({"alice": {"keys": [pubkey(keys["alice"])], "max_sessions": 2}})
     gw.start()
@@ -106,7 +102,8 @@ def test_max_sessions(make_gateway, keys: dict[str, Path]) -> None:
                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
             for _ in range(2)]
     try:
-        time.sleep(3)
+        assert wait_for(lambda: sum(a == "sleep 30" for a in processes(
+            docker_client, gw.container_name("alice"))) == 2, 30)
         r = gw.ssh("alice", "echo third", opts=("-o", "LogLevel=INFO"))
         assert r.returncode == 255 and b"too many open sessions" in r.stderr, r.stderr
         assert r.stdout == b""
@@ -131,9 +128,9 @@ def test_idle_culling_keeps_data_and_respects_activity(
     assert container_status(docker_client, name) == "running"
     # a running inner container keeps it alive under the default policy
     assert gw.ssh("alice", "docker run -d --name nap sleeper /usr/bin/sleep 600").returncode == 0
-    time.sleep(8)
+    # the culler sees it idle past its timeout, and keeps it
+    assert wait_for(lambda: "inner containers are running: kept" in gw.tail(200), 30)
     assert container_status(docker_client, name) == "running"
-    assert "inner containers are running: kept" in gw.tail(200)
     # nothing left: culled within a few seconds
     assert gw.ssh("alice", "docker rm -f nap").returncode == 0
     assert wait_for(lambda: container_status(docker_client, name) == "exited", 30), gw.tail()
@@ -165,7 +162,8 @@ def test_sigkill_then_restart_adopts_container(make_gateway, keys: dict[str, Pat
     cid = docker_client.containers.get(gw.container_name("alice")).id
     held = subprocess.Popen([*gw.ssh_args("alice"), "sleep 60"], stdin=subprocess.DEVNULL,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    time.sleep(2)
+    assert wait_for(lambda: "sleep 60" in processes(docker_client, gw.container_name("alice")),
+                    30)
     gw.stop(sig=9)
     held.wait(30)
     gw.start()
@@ -185,7 +183,8 @@ def test_sigterm_notifies_sessions_and_keeps_containers(
     assert gw.ssh("bob", "true").returncode == 0
     held = subprocess.Popen([*gw.ssh_args("bob"), "sleep 60"], stdin=subprocess.DEVNULL,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    time.sleep(2)
+    assert wait_for(lambda: "sleep 60" in processes(docker_client, gw.container_name("bob")),
+                    30)
     gw.stop(sig=15)
     assert gw.proc is not None and gw.proc.returncode == 0
     _, err = held.communicate(timeout=30)
@@ -193,7 +192,3 @@ def test_sigterm_notifies_sessions_and_keeps_containers(
     assert container_status(docker_client, gw.container_name("bob")) == "running"
     with contextlib.suppress(Exception):
         held.kill()
-
-
-def test_users_constant() -> None:
-    assert "alice" in USERS  # shared-gateway users the tests above rely on
