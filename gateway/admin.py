@@ -126,6 +126,7 @@ class AdminServer:
             row = {"user": name, "state": state, "sessions": gw.activity.sessions.get(name, 0),
                    "connections": gw.activity.connections.get(name, 0),
                    "cache_bytes": sizes.get(gw.backend.volume_names(name)["docker"]),
+                   "disk": gw.backend.disk_usage(name),
                    **stats.get(name, {})}
             rows.append(row)
         return rows

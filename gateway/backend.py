@@ -12,12 +12,16 @@ import asyncio
 import ipaddress
 import json
 import logging
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
 from typing import Any
 
 from .aio import background
+from .disks import DiskError, Disks
 from .dockerapi import DockerClient, DockerError, ExecStream
 from .events import Events
 from .prestart import Spares, encode_header
@@ -31,7 +35,14 @@ LABEL_ROLE = "dind-gateway.role"
 
 INNER_DOCKER_HOST = "unix:///var/run/docker.sock"
 USER_UID = 1000
-PROFILES = ("hardened", "privileged", "sysbox")
+PROFILES = ("rootless", "hardened", "privileged", "sysbox")
+# Profiles under which the user holds root-equivalent power over the host (docs/security.md).
+ROOT_EQUIVALENT = ("hardened", "privileged")
+# What the rootless profile's init still needs as root before it drops to the user: chown of
+# her home, volume and tun device, setuid/setgid to become her, and kill for tini (root) to
+# pass `docker stop`'s signal to her daemon.  Everything else of Docker's default set goes.
+ROOTLESS_CAPS = ["CHOWN", "DAC_OVERRIDE", "FOWNER", "SETUID", "SETGID", "KILL"]
+TMP_DEFAULT = 1 << 30  # /tmp size when memory is unlimited (tmpfs counts against memory)
 
 
 class BackendError(Exception):
@@ -51,6 +62,7 @@ class Limits:
     cpus: float | None = None
     memory: int | None = None
     pids: int | None = None
+    disk: int | None = None
 
 
 @dataclass
@@ -131,8 +143,9 @@ class Backend(abc.ABC):
         """The lock that serialises lifecycle changes of one user's environment."""
 
     async def run(self, user: str, argv: list[str]) -> tuple[int, bytes]:
-        """Run a short housekeeping command as root; its exit code and stdout."""
-        proc = await self.exec(user, argv, tty=False, env={}, run_as="root", workdir="/")
+        """Run a short housekeeping command *as the user* (never root: the container is hers,
+        and nothing the gateway runs there as root may read anything she controls)."""
+        proc = await self.exec(user, argv, tty=False, env={}, run_as=user, workdir="/")
         out = []
         try:
             while True:
@@ -158,10 +171,10 @@ class DockerBackend(Backend):
     """One DinD container per user, with named volumes and a private bridge network."""
 
     def __init__(self, docker: DockerClient, *, image: str, prefix: str,
-                 profile: str = "hardened", ready_timeout: float = 60.0,
+                 profile: str = "rootless", ready_timeout: float = 60.0,
                  events: Events | None = None,
                  network_pool: str = "10.213.0.0/16", subnet_prefix: int = 28,
-                 prestart: bool = True) -> None:
+                 prestart: bool = True, disks_dir: Path | None = None) -> None:
         if profile not in PROFILES:
             raise ValueError(f"unknown security profile {profile!r}")
         self.docker = docker
@@ -175,6 +188,7 @@ class DockerBackend(Backend):
         self.network_pool = ipaddress.IPv4Network(network_pool)
         self.subnet_prefix = subnet_prefix
         self.spares = Spares(self) if prestart else None
+        self.disks = Disks(disks_dir) if disks_dir is not None else None
         self._locks: dict[str, asyncio.Lock] = {}
         # container id + start time that we have seen ready: lets a warm login skip the ping.
         self._ready: dict[str, tuple[str, str]] = {}
@@ -213,7 +227,8 @@ class DockerBackend(Backend):
         return out
 
     async def has_workloads(self, user: str) -> bool:
-        code, out = await self.run(user, ["sh", "-c", "docker ps -q | head -1"])
+        code, out = await self.run(user, ["sh", "-c", "DOCKER_HOST=" + INNER_DOCKER_HOST +
+                                          " timeout 10 docker ps -q | head -1"])
         return code == 0 and bool(out.strip())
 
     async def ensure(self, user: str, limits: Limits,
@@ -231,6 +246,7 @@ class DockerBackend(Backend):
                 self.events.emit("container.create", user=user,
                                  container=self.container_name(user))
             if not state.running:
+                await self._mount_disk(user, limits)
                 await self._start(user)
             state = await self._wait_ready(user)
             self._ready[user] = (state.container_id, state.started_at)
@@ -287,6 +303,13 @@ class DockerBackend(Backend):
         return ExecProcess(self, exec_id, stream)
 
     async def update_limits(self, user: str, limits: Limits) -> None:
+        """docker update for cpus/memory/pids; a larger `disk` grows the quota online."""
+        name = self.container_name(user)
+        if limits.disk is not None and self.disks is not None and self.disks.mounted(name):
+            try:
+                await self.disks.resize(name, limits.disk)
+            except DiskError as exc:
+                raise BackendError(str(exc), reason="disk-resize") from exc
         try:
             await self.docker.request("POST", f"/containers/{self.container_name(user)}/update",
                                       body=self._limit_spec(limits))
@@ -301,6 +324,27 @@ class DockerBackend(Backend):
         await self._ignore_missing("DELETE", f"/networks/{self.network_name(user)}")
         for vol in self.volume_names(user).values():
             await self._ignore_missing("DELETE", f"/volumes/{vol}")
+        if self.disks is not None and self.disks.exists(self.container_name(user)):
+            await self.disks.remove(self.container_name(user))
+
+    def disk_usage(self, user: str) -> tuple[int, int] | None:
+        """(used, quota) bytes of the user's disk, or None without a mounted quota."""
+        name = self.container_name(user)
+        if self.disks is None or not self.disks.mounted(name):
+            return None
+        return self.disks.usage(name).used, self.disks.size(name)
+
+    async def _mount_disk(self, user: str, limits: Limits) -> None:
+        """Mount the user's quota disk before her container starts (after a host reboot too)."""
+        name = self.container_name(user)
+        if self.disks is None or not (limits.disk or self.disks.exists(name)):
+            return
+        size = max(limits.disk or 0, self.disks.size(name) if self.disks.exists(name) else 0)
+        try:
+            await self.disks.ensure(name, size)
+        except DiskError as exc:
+            raise BackendError("Your disk could not be prepared; please tell your admin.",
+                               f"disk of {user}: {exc}", "disk") from exc
 
     # --- primitives ---------------------------------------------------------------------------
 
@@ -322,7 +366,30 @@ class DockerBackend(Backend):
             "PidsLimit": limits.pids or -1,
         }
 
-    def _security(self) -> dict[str, Any]:
+    def _security(self, limits: Limits) -> dict[str, Any]:
+        if self.profile == "rootless":
+            # docs/security.md says why each of these is needed and what it does not open.
+            tmp = f"exec,size={limits.memory or TMP_DEFAULT}"
+            opts = [f"seccomp={rootless_seccomp()}"]
+            if apparmor_enabled():
+                # docker-default forbids mount(2), which rootlesskit needs in its own user
+                # namespace (not verified here: this host has no AppArmor).
+                opts.append("apparmor=unconfined")
+            return {
+                "CgroupnsMode": "private",
+                "CapDrop": ["ALL"],
+                "CapAdd": ROOTLESS_CAPS,
+                "SecurityOpt": opts,
+                # an unmasked /proc: the kernel lets a user namespace mount a new proc only
+                # where the existing one is fully visible (inner containers need that)
+                "MaskedPaths": [],
+                "ReadonlyPaths": [],
+                "Devices": [{"PathOnHost": "/dev/net/tun", "PathInContainer": "/dev/net/tun",
+                             "CgroupPermissions": "rwm"}],
+                # the user can write nowhere on the container's root filesystem; what she
+                # may write outside her volumes is in memory, under her memory cap
+                "Tmpfs": {"/run": "exec,size=64m", "/tmp": tmp, "/var/tmp": tmp},
+            }
         if self.profile == "privileged":
             return {"Privileged": True, "CgroupnsMode": "private"}
         if self.profile == "sysbox":
@@ -340,10 +407,17 @@ class DockerBackend(Backend):
     async def _create(self, user: str, limits: Limits) -> None:
         net = self.network_name(user)
         vols = self.volume_names(user)
+        disk = None
+        if limits.disk and self.disks is not None:
+            await self._mount_disk(user, limits)
+            disk = self.disks.mountpoint(self.container_name(user))
         for role, vol in vols.items():
-            await self.docker.request("POST", "/volumes/create",
-                                      body={"Name": vol, "Labels": self.labels(user, **{
-                                          LABEL_ROLE: role})})
+            body: dict[str, Any] = {"Name": vol, "Labels": self.labels(user, **{
+                LABEL_ROLE: role})}
+            if disk is not None:  # the local driver bind-mounts a directory of the quota disk
+                body["DriverOpts"] = {"type": "none", "o": "bind",
+                                      "device": os.fspath(disk / role)}
+            await self.docker.request("POST", "/volumes/create", body=body)
         await self._create_network(user)
         spec = {
             "Image": self.image,
@@ -358,7 +432,7 @@ class DockerBackend(Backend):
                     {"Type": "volume", "Source": vols["docker"], "Target": "/var/lib/docker"},
                 ],
                 **self._limit_spec(limits),
-                **self._security(),
+                **self._security(limits),
             },
         }
         try:
@@ -456,3 +530,15 @@ class DockerBackend(Backend):
             limits=Limits(cpus=(hc.get("NanoCpus") or 0) / 1e9 or None,
                           memory=hc.get("Memory") or None,
                           pids=hc.get("PidsLimit") if (hc.get("PidsLimit") or 0) > 0 else None))
+
+
+def rootless_seccomp() -> str:
+    """The rootless profile's seccomp filter as JSON (scripts/seccomp-rootless.py made it)."""
+    return resources.files("gateway").joinpath("profiles/seccomp-rootless.json").read_text()
+
+
+def apparmor_enabled() -> bool:
+    try:
+        return Path("/sys/module/apparmor/parameters/enabled").read_text().strip() == "Y"
+    except OSError:
+        return False

@@ -77,14 +77,16 @@ def _duration(seconds: float | None) -> str:
 
 def format_ps(rows: list[dict[str, Any]]) -> str:
     """The `ps` table, one row per user."""
-    head = ("USER", "STATE", "UPTIME", "SESSIONS", "CPU%", "MEMORY", "PIDS", "CACHE")
+    head = ("USER", "STATE", "UPTIME", "SESSIONS", "CPU%", "MEMORY", "PIDS", "CACHE", "DISK")
     table = [head]
     for r in rows:
         mem = "-" if "mem_bytes" not in r else f"{_size(r['mem_bytes'])} / " + (
             _size(r["mem_limit"]) if r.get("mem_limit") else "unlimited")
         table.append((r["user"], r["state"], _duration(r.get("uptime")), str(r["sessions"]),
                       f"{r['cpu_percent']:.1f}" if "cpu_percent" in r else "-", mem,
-                      str(r.get("pids", "-")), _size(r.get("cache_bytes"))))
+                      str(r.get("pids", "-")), _size(r.get("cache_bytes")),
+                      f"{_size(r['disk'][0])} / {_size(r['disk'][1])}" if r.get("disk")
+                      else "no quota"))
     widths = [max(len(row[i]) for row in table) for i in range(len(head))]
     return "\n".join("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip()
                      for row in table)

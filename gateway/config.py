@@ -511,6 +511,16 @@ def _memory_value(value: Any) -> int:
     return size
 
 
+MIN_DISK = 300 * 2**20  # mkfs.xfs refuses smaller filesystems
+
+
+def _disk_value(value: Any) -> int:
+    size = parse_size(value)
+    if size < MIN_DISK:
+        raise ValueError(f"{value!r} is too small; a disk quota must be at least 300m")
+    return size
+
+
 def _non_blank(text: str) -> None:
     if not text.strip():
         raise ValueError("must not be blank")
@@ -574,6 +584,7 @@ class UserDefaults:
     cpus: float | None = None
     memory: int | None = None
     pids: int | None = None
+    disk: int | None = None
     disabled: bool = False
     idle_timeout: float | None | Inherit = INHERIT
     max_sessions: int | None = None
@@ -584,7 +595,7 @@ class UserDefaults:
 class User:
     """One user's effective settings (own value, else ``defaults:``, else built-in).
 
-    ``cpus``/``memory``/``pids`` None mean unlimited. ``idle_timeout`` is seconds, None for
+    ``cpus``/``memory``/``pids``/``disk`` None mean unlimited. ``idle_timeout`` is seconds, None for
     never, or INHERIT (use GatewayConfig.idle_timeout); ``max_sessions`` None means the
     gateway default. Use ``effective_*`` to resolve those against a GatewayConfig.
     """
@@ -594,6 +605,7 @@ class User:
     cpus: float | None = None
     memory: int | None = None
     pids: int | None = None
+    disk: int | None = None  # bytes of home + image cache (a loop-mounted ext4 image)
     disabled: bool = False
     password: str | None = None
     idle_timeout: float | None | Inherit = INHERIT
@@ -651,6 +663,7 @@ _LIMIT_SPEC: dict[str, Converter] = {
     "cpus": _parsed(_unlimited(_cpus_value), what="a number of CPUs or 'unlimited'"),
     "memory": _parsed(_unlimited(_memory_value), what="a size like 4g or 'unlimited'"),
     "pids": _parsed(_unlimited(_int_value(10)), what="a whole number or 'unlimited'"),
+    "disk": _parsed(_unlimited(_disk_value), what="a size like 20g or 'unlimited'"),
     "disabled": _boolean,
     "idle_timeout": _parsed(parse_duration, what="a duration like 30m or 'never'"),
     "max_sessions": _parsed(_int_value(1), what="a whole number"),
@@ -705,6 +718,7 @@ def _build_user(name: str, settings: Mapping[str, Any], defaults: UserDefaults,
         cpus=pick("cpus"),
         memory=pick("memory"),
         pids=pick("pids"),
+        disk=pick("disk"),
         disabled=pick("disabled"),
         password=settings.get("password"),
         idle_timeout=pick("idle_timeout"),
@@ -781,8 +795,8 @@ def _is_null(node: _Node) -> bool:
 # --------------------------------------------------------------------------------------------
 # gateway.yaml
 
-SecurityProfile = Literal["hardened", "privileged", "sysbox"]
-SECURITY_PROFILES: tuple[str, ...] = ("hardened", "privileged", "sysbox")
+SecurityProfile = Literal["rootless", "hardened", "privileged", "sysbox"]
+SECURITY_PROFILES: tuple[str, ...] = ("rootless", "hardened", "privileged", "sysbox")
 IDLE_POLICIES: tuple[str, ...] = ("activity", "strict")
 LOG_LEVELS: tuple[str, ...] = ("debug", "info", "warning", "error", "critical")
 PREFIX_RE = re.compile(r"[a-z][a-z0-9-]{0,20}")
@@ -1013,7 +1027,7 @@ _GATEWAY_DEFAULTS: dict[str, Any] = {
     "users_file": "users.yaml",
     "state_dir": "/var/lib/dind-gateway",
     "image": "dind-gateway/dind:latest",
-    "security_profile": "hardened",
+    "security_profile": "rootless",
     "prefix": "dgw",
     "docker_host": None,
     "ready_timeout": 60,

@@ -14,6 +14,7 @@ replaced by a fresh exec; if the gateway dies, Docker closes the spare's stdin a
 from __future__ import annotations
 
 import logging
+import re
 from typing import TYPE_CHECKING
 
 from .dockerapi import DockerError, ExecStream
@@ -34,8 +35,17 @@ def _quote(text: str) -> str:
     return "'" + text.replace("'", "'\\''") + "'"
 
 
+_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+
+
 def encode_header(argv: list[str], env: dict[str, str]) -> bytes:
-    """`export K='v'; exec 'argv'...` as one line: every unsafe byte becomes \\0ooo."""
+    """`export K='v'; exec 'argv'...` as one line: every unsafe byte becomes \\0ooo.
+
+    Names are never quoted, so only plain shell names pass (a session's variables were
+    filtered already; this is the last line of defence before `eval`)."""
+    bad = [k for k in env if not _NAME.fullmatch(k)]
+    if bad:
+        raise ValueError(f"not a variable name: {bad[0]!r}")
     script = "".join(f"export {k}={_quote(v)}; " for k, v in env.items())
     script += "exec " + " ".join(_quote(a) for a in argv)
     out = bytearray()

@@ -13,7 +13,7 @@ import logging
 import os
 from typing import TYPE_CHECKING
 
-from .backend import Limits
+from .backend import BackendError, Limits
 from .config import ConfigError, User, UsersConfig, load_users
 from .dockerapi import DockerError
 
@@ -26,7 +26,7 @@ POLL_SECONDS = 1.0
 
 
 def limits_of(user: User) -> Limits:
-    return Limits(cpus=user.cpus, memory=user.memory, pids=user.pids)
+    return Limits(cpus=user.cpus, memory=user.memory, pids=user.pids, disk=user.disk)
 
 
 class UsersReloader:
@@ -120,6 +120,9 @@ class UsersReloader:
                 try:
                     await gw.backend.update_limits(name, limits_of(user))
                     changes.append(f"{name} limits updated")
+                except BackendError as exc:
+                    log.error("limits of %s not applied: %s", name, exc.user_message)
+                    changes.append(f"{name} limits refused: {exc.user_message}")
                 except DockerError as exc:
                     log.warning("could not update %s's limits: %s", name, exc)
         return ", ".join(dict.fromkeys(changes)) or "no effective change"

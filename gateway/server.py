@@ -17,7 +17,7 @@ from .admin import AdminServer
 from .aio import background
 from .audit import AuditLog
 from .auth import AuthorizedKey, match_key, verify_password
-from .backend import Backend, DockerBackend, EnvState
+from .backend import ROOT_EQUIVALENT, Backend, DockerBackend, EnvState
 from .config import GatewayConfig, User, UsersConfig, load_users
 from .dockerapi import DockerClient
 from .events import Events
@@ -215,6 +215,24 @@ class Connection(asyncssh.SSHServer):
         return False  # remote forwarding (-R) is not offered
 
 
+def check_profile(profile: str) -> None:
+    """Say at start what the security profile means, and refuse one this host cannot run."""
+    if profile in ROOT_EQUIVALENT:
+        log.warning("security_profile %s: users are root-equivalent on the host: for trusted "
+                    "teams only (docs/security.md); the default 'rootless' is not", profile)
+    if profile == "rootless":
+        missing = [p for p in ("/dev/net/tun",) if not os.path.exists(p)]
+        try:
+            userns = int(Path("/proc/sys/user/max_user_namespaces").read_text())
+        except (OSError, ValueError):
+            userns = 1
+        if missing or userns == 0:
+            what = f"{', '.join(missing)} missing" if missing else "user namespaces disabled"
+            raise SystemExit(f"dind-gateway: security_profile rootless cannot run on this host "
+                             f"({what}); fix that, or choose sysbox (or, for a trusted team "
+                             "only, hardened) in gateway.yaml")
+
+
 class Gateway:
     """Owns configuration, the backend and the listener; one per process."""
 
@@ -229,7 +247,8 @@ class Gateway:
         self.backend: Backend = backend or DockerBackend(
             DockerClient(config.docker_url()), image=config.image, prefix=config.prefix,
             profile=config.security_profile, ready_timeout=config.ready_timeout,
-            events=self.events, network_pool=str(config.user_network_pool))
+            events=self.events, network_pool=str(config.user_network_pool),
+            disks_dir=config.state_dir / "disks")
         self.metrics = MetricsServer.for_gateway(self) if config.metrics_listen else None
         self.connections: set[Connection] = set()
         self.activity = Activity()
@@ -269,6 +288,7 @@ class Gateway:
 
     async def start(self) -> None:
         keys = load_host_keys(self.config.state_dir)
+        check_profile(self.config.security_profile)
         await self.adopt()
         self.culler.start()
         self.reloader.start()

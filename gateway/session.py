@@ -30,7 +30,7 @@ log = logging.getLogger("dind_gateway.session")
 
 SFTP_SERVER = "/usr/libexec/sftp-server"
 # Client variables let through, as OpenSSH's default AcceptEnv on Debian does.
-_ENV_ALLOWED = re.compile(r"^(LANG|LC_[A-Z_]+|TERM|COLORTERM)$")
+_ENV_ALLOWED = re.compile(r"LANG|LC_[A-Z_]+|TERM|COLORTERM")  # fullmatch: no "LANG\n"
 _SIGNALS = {"ABRT", "ALRM", "FPE", "HUP", "ILL", "INT", "KILL", "PIPE", "QUIT", "SEGV", "TERM",
             "USR1", "USR2"}
 _HIGH_WATER = 1024 * 1024  # bytes queued towards the container before we stop reading
@@ -251,7 +251,7 @@ class GatewaySession(asyncssh.SSHServerSession):
         conn, user = self._conn, self._conn.user
         home = f"/home/{user.name}"
         env = {k: v for k, v in (self._chan.get_environment() if self._chan else {}).items()
-               if _ENV_ALLOWED.match(k)}
+               if _ENV_ALLOWED.fullmatch(k)}
         env.update(conn.key_environment())
         env.update({
             "DOCKER_HOST": INNER_DOCKER_HOST, "USER": user.name, "LOGNAME": user.name,
@@ -291,7 +291,8 @@ class GatewaySession(asyncssh.SSHServerSession):
         self._chan.write_stderr(text.encode())
 
     async def _deliver_signal(self, signal: str) -> None:
-        """Engine has no exec-signal API: a second exec signals the recorded PID."""
+        """Engine has no exec-signal API: a second exec signals the recorded PID.  It runs as
+        the user, so a PID she wrote into the file can only ever name her own processes."""
         try:
             await self._conn.gateway.backend.run(
                 self._conn.user.name, ["sh", "-c", f'kill -s {signal} "$(cat {self._pidfile})"'])

@@ -4,7 +4,8 @@
 #   (a) dind-gateway/base:bookworm  - Debian bookworm rootfs made with debootstrap and
 #       imported with `docker import`. Carries docker.io (dockerd, containerd, runc, tini),
 #       the user tools, and python3 so the gateway's own image can build FROM it offline.
-#       Built only if the image is missing (FORCE_BASE=1 rebuilds it).
+#       Rebuilt when missing or when its package list changed (label
+#       dind-gateway.packages-hash); FORCE_BASE=1 rebuilds it.
 #   (b) dind-gateway/dind:latest    - images/dind/Dockerfile.debian on top of (a).
 #       Skipped when an image already carries the label dind-gateway.context-hash equal to
 #       the sha256 of the images/dind/ directory contents AND dind-gateway.base-id equal to
@@ -33,6 +34,9 @@ BASE_PACKAGES=(
     nano tini
     # python, also for the gateway's own image
     python3 python3-venv python3-pip
+    # rootless inner dockerd (the default `rootless` profile): user namespaces via
+    # newuidmap/newgidmap (given file capabilities, no setuid), slirp4netns networking
+    rootlesskit slirp4netns uidmap libcap2-bin
 )
 
 log() { printf '[build-images %s] %s\n' "$(date +%H:%M:%S)" "$*" >&2; }
@@ -102,13 +106,14 @@ build_base() {
     # The container's hostname/hosts/resolv.conf are provided by docker at run time.
     : >"$dir/etc/hostname"
 
-    log "importing rootfs as $BASE_IMAGE"
+    log "importing rootfs as $BASE_IMAGE (packages-hash ${BASE_HASH:0:12})"
     t0=$(now)
     tar --numeric-owner --xattrs -C "$dir" -c . \
         | docker import \
             --change 'ENV PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin' \
             --change 'ENV LANG=C.UTF-8' \
             --change 'CMD ["/bin/bash"]' \
+            --change "LABEL dind-gateway.packages-hash=$BASE_HASH" \
             --message "debootstrap $SUITE minbase from $mirror" \
             - "$BASE_IMAGE" >/dev/null
     log "import done in $(elapsed "$t0")"
@@ -160,10 +165,15 @@ main() {
     t_all=$(now)
     docker info >/dev/null 2>&1 || die "docker daemon not reachable"
 
-    if [ -n "${FORCE_BASE:-}" ] || ! image_exists "$BASE_IMAGE"; then
+    # The base is rebuilt when its package list changes (its hash is a label of the image).
+    BASE_HASH=$(printf '%s\n' "$SUITE" "${BASE_PACKAGES[@]}" "${EXTRA_PACKAGES:-}" | sha256sum | cut -d' ' -f1)
+    local have_hash=
+    image_exists "$BASE_IMAGE" &&
+        have_hash=$(docker image inspect -f '{{index .Config.Labels "dind-gateway.packages-hash"}}' "$BASE_IMAGE")
+    if [ -n "${FORCE_BASE:-}" ] || [ "$have_hash" != "$BASE_HASH" ]; then
         build_base
     else
-        log "$BASE_IMAGE exists; not rebuilding (FORCE_BASE=1 to force)"
+        log "$BASE_IMAGE is up to date (packages-hash ${BASE_HASH:0:12}); not rebuilding (FORCE_BASE=1 to force)"
     fi
 
     build_dind

@@ -17,6 +17,7 @@ command -v sshd >/dev/null || [ -x /usr/sbin/sshd ] || need_pkgs+=(openssh-serve
 [ -x /usr/lib/openssh/sftp-server ] || need_pkgs+=(openssh-sftp-server)
 command -v rsync >/dev/null || need_pkgs+=(rsync)
 command -v curl >/dev/null || need_pkgs+=(curl)
+command -v mkfs.xfs >/dev/null || need_pkgs+=(xfsprogs)  # per-user disk quotas
 python3 -c 'import ensurepip, venv' 2>/dev/null || need_pkgs+=(python3-venv)
 if [ ${#need_pkgs[@]} -gt 0 ]; then
   say "installing ${need_pkgs[*]}"

@@ -105,6 +105,15 @@ def pubkey(path: Path) -> str:
     return path.with_suffix(".pub").read_text().strip()
 
 
+def unmount_under(path: Path) -> None:
+    """Unmount the quota disks a gateway left mounted below its state directory."""
+    base = os.fspath(path.resolve()) + "/"
+    with open("/proc/self/mountinfo") as fh:
+        points = [line.split()[4] for line in fh if line.split()[4].startswith(base)]
+    for point in sorted(points, reverse=True):
+        subprocess.run(["umount", point], check=False)
+
+
 def remove_labelled(client: docker.DockerClient, prefix: str) -> None:
     flt = {"label": f"dind-gateway.instance={prefix}"}
     for c in client.containers.list(all=True, filters=flt):
@@ -212,6 +221,7 @@ def gateway(tmp_path_factory: pytest.TempPathFactory, keys: dict[str, Path],
     gw.stop()
     print(f"--- gateway log tail ---\n{gw.tail(200)}")
     remove_labelled(docker_client, gw.prefix)
+    unmount_under(gw.dir)
 
 
 @pytest.fixture
@@ -230,3 +240,4 @@ def make_gateway(tmp_path_factory: pytest.TempPathFactory, keys: dict[str, Path]
         gw.stop()
         print(f"--- private gateway {gw.prefix} log tail ---\n{gw.tail(100)}")
         remove_labelled(docker_client, gw.prefix)
+        unmount_under(gw.dir)

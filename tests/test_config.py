@@ -61,7 +61,7 @@ def test_example_config_loads() -> None:
     assert gw.state_dir == REPO / "state"
     assert gw.audit_log == REPO / "state" / "audit.log"
     assert gw.image == "dind-gateway/dind:latest"
-    assert gw.security_profile == "hardened"
+    assert gw.security_profile == "rootless"
     assert gw.idle_timeout is None
 
     users = load_users(gw.users_file)
@@ -82,7 +82,7 @@ def test_gateway_defaults() -> None:
     assert gw.users_file == Path("/etc/dgw/users.yaml")
     assert gw.state_dir == Path("/var/lib/dind-gateway")
     assert gw.audit_log == Path("/var/lib/dind-gateway/audit.log")
-    assert (gw.security_profile, gw.prefix, gw.docker_host) == ("hardened", "dgw", None)
+    assert (gw.security_profile, gw.prefix, gw.docker_host) == ("rootless", "dgw", None)
     assert (gw.ready_timeout, gw.idle_timeout, gw.idle_policy) == (60, None, "activity")
     assert (gw.max_sessions, gw.max_auth_tries, gw.login_grace_time, gw.max_startups) == (
         10, 6, 120, 100)

@@ -1,0 +1,155 @@
+"""Disk quotas: one sparse XFS image per user, loop-mounted on the host.
+
+Why this and not polling or overlay2's `size=`: the host's root filesystem here is ext4 without
+project quotas, so neither `--storage-opt size=` nor XFS project quotas exist; a loop-mounted
+filesystem is a hard cap the kernel enforces (a full one answers ENOSPC to that user only),
+needs nothing but xfsprogs and util-linux, and `df` inside the container shows the user her own
+quota without any help.  XFS rather than ext4: ext4's online resize needs CAP_SYS_RESOURCE,
+which hosts like this VM do not grant even to root, while `xfs_growfs` grows a mounted XFS
+with the CAP_SYS_ADMIN the gateway has (measured: a full 300 MiB disk grown to 600 MiB live).
+XFS cannot shrink; lowering a quota is refused.
+
+Layout under ``<state_dir>/disks``: ``NAME.img`` (sparse: it takes only what is written) and
+the mount point ``NAME/`` holding ``home/`` and ``docker/``, which the backend hands to the
+container as the user's two volumes.  Mounted ``nosuid,nodev``.  Everything here needs root on
+the host, as driving the Docker engine does anyway.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+log = logging.getLogger("dind_gateway.disks")
+
+SUBDIRS = ("home", "docker")
+_TOOL_TIMEOUT = 120.0
+
+
+class DiskError(Exception):
+    """A quota could not be set up or changed; the message says why, for the admin."""
+
+
+@dataclass(frozen=True)
+class DiskUsage:
+    """Bytes used and the size of the filesystem, as `df` would show them."""
+
+    used: int
+    size: int
+
+
+async def _run(*argv: str) -> str:
+    proc = await asyncio.create_subprocess_exec(
+        *argv, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT)
+    try:
+        out, _ = await asyncio.wait_for(proc.communicate(), _TOOL_TIMEOUT)
+    except TimeoutError:
+        proc.kill()
+        raise DiskError(f"{argv[0]} did not finish within {_TOOL_TIMEOUT:.0f} s") from None
+    text = out.decode(errors="replace").strip()
+    if proc.returncode != 0:
+        raise DiskError(f"{' '.join(argv)} failed ({proc.returncode}): {text}")
+    return text
+
+
+def _mounted_source(mountpoint: Path) -> str | None:
+    """The device mounted exactly at mountpoint, from /proc/self/mountinfo, else None."""
+    target = os.fspath(mountpoint)
+    with open("/proc/self/mountinfo") as fh:
+        for line in fh:
+            fields = line.split()
+            if fields[4] == target:
+                return fields[fields.index("-") + 2]
+    return None
+
+
+class Disks:
+    """The quota'd filesystems of one gateway instance (names are <prefix>-<user>)."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+
+    def image(self, name: str) -> Path:
+        return self.root / f"{name}.img"
+
+    def mountpoint(self, name: str) -> Path:
+        return self.root / name
+
+    def exists(self, name: str) -> bool:
+        return self.image(name).exists()
+
+    async def ensure(self, name: str, size: int) -> Path:
+        """Create (first time), mount (if not mounted) and grow (if size grew); the mount point.
+
+        Never shrinks: see resize().
+        """
+        image, mnt = self.image(name), self.mountpoint(name)
+        if not image.exists():
+            await self._create(image, size)
+        mnt.mkdir(parents=True, exist_ok=True)
+        if _mounted_source(mnt) is None:
+            await _run("mount", "-t", "xfs", "-o", "loop,nosuid,nodev,noatime",
+                       os.fspath(image), os.fspath(mnt))
+        for sub in SUBDIRS:
+            (mnt / sub).mkdir(exist_ok=True)
+        if size > self.size(name):
+            await self.resize(name, size)
+        return mnt
+
+    async def _create(self, image: Path, size: int) -> None:
+        image.parent.mkdir(parents=True, exist_ok=True)
+        tmp = image.with_suffix(".new")
+        await _run("truncate", "-s", str(size), os.fspath(tmp))  # sparse
+        os.chmod(tmp, 0o600)
+        await _run("mkfs.xfs", "-q", "-f", os.fspath(tmp))
+        os.replace(tmp, image)
+        log.info("created disk %s (%d MiB)", image, size >> 20)
+
+    def usage(self, name: str) -> DiskUsage:
+        """Used and total bytes of a mounted disk (statvfs, like df)."""
+        st = os.statvfs(self.mountpoint(name))
+        return DiskUsage(used=(st.f_blocks - st.f_bfree) * st.f_frsize,
+                         size=st.f_blocks * st.f_frsize)
+
+    def size(self, name: str) -> int:
+        """The quota: the image's size (the filesystem's own size is that less metadata)."""
+        return self.image(name).stat().st_size
+
+    def mounted(self, name: str) -> bool:
+        return _mounted_source(self.mountpoint(name)) is not None
+
+    async def resize(self, name: str, size: int) -> None:
+        """Grow a mounted disk online.  Shrinking is refused: XFS cannot shrink, and a quota
+        below what is stored would lose data."""
+        mnt = self.mountpoint(name)
+        device = _mounted_source(mnt)
+        if device is None:
+            raise DiskError(f"disk {name} is not mounted")
+        current = self.size(name)
+        if size < current:
+            used = self.usage(name).used
+            if size < used:
+                raise DiskError(f"cannot lower the quota of {name} to {size >> 20} MiB: "
+                                f"{used >> 20} MiB are in use")
+            raise DiskError(f"cannot lower the quota of {name} to {size >> 20} MiB (now "
+                            f"{current >> 20} MiB): a quota can only grow while it is in use")
+        if size == current:
+            return
+        await _run("truncate", "-s", str(size), os.fspath(self.image(name)))
+        await _run("losetup", "-c", device)
+        await _run("xfs_growfs", os.fspath(mnt))
+        log.info("disk %s grown to %d MiB", name, size >> 20)
+
+    async def remove(self, name: str) -> None:
+        """Unmount and delete a disk with all its data (purge)."""
+        mnt = self.mountpoint(name)
+        if _mounted_source(mnt) is not None:
+            await _run("umount", os.fspath(mnt))
+        self.image(name).unlink(missing_ok=True)
+        with contextlib.suppress(FileNotFoundError):
+            mnt.rmdir()  # empty once unmounted: home/ and docker/ live on the image
