@@ -221,16 +221,17 @@ def check_profile(profile: str) -> None:
         log.warning("security_profile %s: users are root-equivalent on the host: for trusted "
                     "teams only (docs/security.md); the default 'rootless' is not", profile)
     if profile == "rootless":
-        missing = [p for p in ("/dev/net/tun",) if not os.path.exists(p)]
+        # The kernel is the engine's too (a containerised gateway shares it); /dev/net/tun is
+        # checked by the engine when a container is created, and its error reaches the user.
         try:
             userns = int(Path("/proc/sys/user/max_user_namespaces").read_text())
         except (OSError, ValueError):
             userns = 1
-        if missing or userns == 0:
-            what = f"{', '.join(missing)} missing" if missing else "user namespaces disabled"
-            raise SystemExit(f"dind-gateway: security_profile rootless cannot run on this host "
-                             f"({what}); fix that, or choose sysbox (or, for a trusted team "
-                             "only, hardened) in gateway.yaml")
+        if userns == 0:
+            raise SystemExit("dind-gateway: security_profile rootless cannot run on this host "
+                             "(user namespaces are disabled: user.max_user_namespaces = 0); "
+                             "enable them, or choose sysbox (or, for a trusted team only, "
+                             "hardened) in gateway.yaml")
 
 
 class Gateway:

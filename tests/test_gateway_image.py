@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import contextlib
+import os
 import secrets
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -19,7 +21,8 @@ def test_gateway_image_builds_offline_and_serves(docker_client: docker.DockerCli
                                                  tmp_path: Path) -> None:
     tag = f"dind-gateway/gateway:test-{secrets.token_hex(3)}"
     build = subprocess.run(["bash", "scripts/build-gateway-image.sh", tag], cwd=ROOT,
-                           capture_output=True, text=True, timeout=600)
+                           capture_output=True, text=True, timeout=600,
+                           env={**os.environ, "PYTHON": sys.executable})
     assert build.returncode == 0, build.stdout + build.stderr
     prefix = f"dgwi{secrets.token_hex(3)}"
     port = free_port()
