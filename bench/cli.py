@@ -29,6 +29,8 @@ def build_parser() -> argparse.ArgumentParser:
                    f"run: {DEFAULT_OUT.relative_to(ROOT)}; a quick run writes none)")
     p.add_argument("--no-out", action="store_true", help="write no markdown report")
     p.add_argument("--image", default=DEFAULT_IMAGE, help="DinD image for every contender")
+    p.add_argument("--profile", default="hardened", choices=["hardened", "rootless"],
+                   help="security profile of the gateway and of the raw/DIY containers")
     p.add_argument("--gateway-rev", metavar="REV", help="run the gateway of this git commit "
                    "(a `git archive` snapshot) instead of the working tree's gateway/")
     p.add_argument("--only", help=f"comma-separated subset of stages: {','.join(STAGES)}")
@@ -103,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
     out = None if args.no_out else (args.out or (None if args.quick else DEFAULT_OUT))
     signal.signal(signal.SIGTERM, _interrupt)
     users = [f"u{i:02d}" for i in range(1, max(plan.load_users, 1) + 1)] + ["cold"]
-    rig = Rig(image=args.image, users=users)
+    rig = Rig(image=args.image, users=users, security_profile=args.profile)
     res = Results()
     mach = machine()
     try:

@@ -49,6 +49,16 @@ HARDENED_FLAGS = ["--init", "--cgroupns", "private", "--cap-add", "SYS_ADMIN",
                   "--cap-add", "NET_ADMIN", "--security-opt", "seccomp=unconfined",
                   "--security-opt", "apparmor=unconfined",
                   "--security-opt", "systempaths=unconfined"]
+# ... and for the rootless profile (the default): same flags as `_security()` builds.
+ROOTLESS_FLAGS = ["--init", "--cgroupns", "private", "--cap-drop", "ALL",
+                  *[f for c in ("CHOWN", "DAC_OVERRIDE", "FOWNER", "SETUID", "SETGID", "KILL")
+                    for f in ("--cap-add", c)],
+                  "--security-opt",
+                  f"seccomp={ROOT / 'gateway' / 'profiles' / 'seccomp-rootless.json'}",
+                  "--security-opt", "systempaths=unconfined", "--device", "/dev/net/tun",
+                  "--tmpfs", "/run:exec,size=64m", "--tmpfs", "/tmp:exec,size=4g",
+                  "--tmpfs", "/var/tmp:exec,size=4g"]
+PROFILE_FLAGS = {"hardened": HARDENED_FLAGS, "rootless": ROOTLESS_FLAGS}
 # Inner dockerd readiness, the gateway's probe, looped inside the container (20 ms period) so
 # the raw baseline pays one `docker exec`, not one per poll.
 READY_LOOP = ("i=0; until curl -sf --max-time 2 --unix-socket /var/run/docker.sock "
@@ -201,6 +211,7 @@ class Rig:
     gateway_cmd: list[str] = field(default_factory=lambda: [sys.executable, "-m", "gateway"])
     gateway_args: list[str] = field(default_factory=list)
     gateway_root: Path = ROOT  # the directory `gateway/` is imported from
+    security_profile: str = "hardened"  # for the gateway and the raw/DIY containers alike
 
     # --- names ------------------------------------------------------------------------------
 
@@ -280,7 +291,8 @@ class Rig:
         (d / "users.yaml").write_text(yaml.safe_dump({"users": users}, sort_keys=False))
         settings = {"listen": f"127.0.0.1:{port}", "users_file": "users.yaml",
                     "state_dir": "state", "image": self.image, "prefix": self.prefix,
-                    "security_profile": "hardened", "ready_timeout": 180, "log_level": "info",
+                    "security_profile": self.security_profile, "ready_timeout": 180,
+                    "log_level": "info",
                     "max_sessions": 100, "max_startups": 500}
         # Every bench client comes from 127.0.0.1: lift the per-source cap where it exists
         # (the DIY sshd has no per-source limit either).
@@ -356,9 +368,10 @@ class Rig:
         return ["docker", "run", "-d", "--name", name,
                 "--label", f"{LABEL_INSTANCE}={self.prefix}",
                 "--label", f"{LABEL_OWNER}={role}-{user}", "--label", f"{LABEL_ROLE}={role}",
-                "--hostname", f"{user}-devbox", "--network", name, *HARDENED_FLAGS,
+                "--hostname", f"{user}-devbox", "--network", name,
+                *PROFILE_FLAGS[self.security_profile],
                 "-e", f"DGW_USER={user}", "-e", f"DGW_UID={USER_UID}",
-                "-e", "DGW_PROFILE=hardened",
+                "-e", f"DGW_PROFILE={self.security_profile}",
                 "--mount", f"type=volume,source={name}-home,target=/home/{user}",
                 "--mount", f"type=volume,source={name}-docker,target=/var/lib/docker",
                 *LIMIT_FLAGS, self.image]

@@ -534,7 +534,8 @@ class DockerBackend(Backend):
 
 def rootless_seccomp() -> str:
     """The rootless profile's seccomp filter as JSON (scripts/seccomp-rootless.py made it)."""
-    return resources.files("gateway").joinpath("profiles/seccomp-rootless.json").read_text()
+    text = resources.files("gateway").joinpath("profiles/seccomp-rootless.json").read_text()
+    return json.dumps(json.loads(text), separators=(",", ":"))  # compact, as the CLI sends it
 
 
 def apparmor_enabled() -> bool:
