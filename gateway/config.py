@@ -895,28 +895,71 @@ def _network_pool(value: Any) -> ipaddress.IPv4Network:
 
 
 DEFAULT_CIPHERS = ("aes128-gcm@openssh.com", "aes256-gcm@openssh.com")
+# Stricter than asyncssh's defaults, and at least as strict as OpenSSH 9.x's sshd: no SHA-1,
+# no NIST curves, no group exchange (asyncssh can hand out a 1024-bit modulus).  Every
+# OpenSSH >= 7.4 and PuTTY >= 0.76 finds curve25519-sha256, ssh-ed25519/rsa-sha2-* and
+# hmac-sha2-*-etm here; `ssh-audit` reports no failure for these lists.
+DEFAULT_KEX_ALGS = ("mlkem768x25519-sha256", "curve25519-sha256", "curve25519-sha256@libssh.org",
+                    "curve448-sha512", "diffie-hellman-group18-sha512",
+                    "diffie-hellman-group16-sha512", "diffie-hellman-group14-sha256")
+DEFAULT_HOST_KEY_ALGS = ("ssh-ed25519", "rsa-sha2-512", "rsa-sha2-256")
+DEFAULT_MACS = ("hmac-sha2-256-etm@openssh.com", "hmac-sha2-512-etm@openssh.com",
+                "umac-128-etm@openssh.com", "hmac-sha2-256", "hmac-sha2-512",
+                "umac-128@openssh.com")
 _WEAK_CIPHERS = {"3des-cbc", "blowfish-cbc", "cast128-cbc", "seed-cbc@ssh.com", "arcfour256",
                  "arcfour128", "arcfour"}
+# Broken or trivially weak: refused even when named explicitly (SHA-1 host-key signatures and
+# the 1024-bit groups; MD5 and truncated-to-96-bit MACs).
+_WEAK_KEX = {"diffie-hellman-group1-sha1", "rsa1024-sha1", "gss-group1-sha1",
+             "diffie-hellman-group-exchange-sha1", "gss-gex-sha1"}
+_WEAK_HOST_KEY_ALGS = {"ssh-rsa", "ssh-dss"}
+_WEAK_MACS = {"hmac-md5", "hmac-md5-etm@openssh.com", "hmac-md5-96",
+              "hmac-md5-96-etm@openssh.com"}
 
 
-def _ciphers(node: _Node, field: str, errs: _Errors) -> Any:
+def _known_algs(kind: str) -> list[str]:
+    """What the installed asyncssh implements for one algorithm list, minus the weak ones."""
     from asyncssh.encryption import get_encryption_algs
+    from asyncssh.kex import get_kex_algs
+    from asyncssh.mac import get_mac_algs
+    from asyncssh.public_key import get_public_key_algs
 
-    known = [a.decode() for a in get_encryption_algs() if a.decode() not in _WEAK_CIPHERS]
-    if node.kind != "seq" or not node.value:
-        errs.add(node, field, "must be a non-empty list of cipher names, e.g. "
-                 f"[{', '.join(DEFAULT_CIPHERS)}]")
-        return _BAD
-    out = []
-    for i, item in enumerate(node.value):
-        if item.invalid:
+    source, weak = {
+        "cipher": (get_encryption_algs, _WEAK_CIPHERS),
+        "key exchange algorithm": (get_kex_algs, _WEAK_KEX),
+        "host key algorithm": (get_public_key_algs, _WEAK_HOST_KEY_ALGS),
+        "MAC": (get_mac_algs, _WEAK_MACS),
+    }[kind]
+    return [a.decode() for a in source() if a.decode() not in weak
+            and not a.decode().startswith("gss-")]
+
+
+def _alg_list(kind: str, defaults: Sequence[str]) -> Converter:
+    """A non-empty list of algorithm names that asyncssh supports, in order of preference."""
+
+    def convert(node: _Node, field: str, errs: _Errors) -> Any:
+        known = _known_algs(kind)
+        if node.kind != "seq" or not node.value:
+            errs.add(node, field, f"must be a non-empty list of {kind} names, e.g. "
+                     f"[{', '.join(defaults)}]")
             return _BAD
-        if item.kind != "scalar" or not isinstance(item.value, str) or item.value not in known:
-            errs.add(item, f"{field}[{i}]", f"unknown or weak cipher {item.value!r}; "
-                     f"choose from {', '.join(known)}")
-            return _BAD
-        out.append(item.value)
-    return tuple(out)
+        out: list[str] = []
+        for i, item in enumerate(node.value):
+            if item.invalid:
+                return _BAD
+            if item.kind != "scalar" or not isinstance(item.value, str) \
+                    or item.value not in known:
+                value = item.value if item.kind == "scalar" else f"a {item.kind}"
+                errs.add(item, f"{field}[{i}]", f"unknown or weak {kind} {value!r}; "
+                         f"choose from {', '.join(known)}")
+                return _BAD
+            if item.value in out:
+                errs.add(item, f"{field}[{i}]", f"{item.value!r} is listed twice")
+                return _BAD
+            out.append(item.value)
+        return tuple(out)
+
+    return convert
 
 
 _GATEWAY_SPEC: dict[str, Converter] = {
@@ -942,7 +985,10 @@ _GATEWAY_SPEC: dict[str, Converter] = {
                                what="a duration"),
     "allow_forward_to": _forward_rules,
     "user_network_pool": _parsed(_network_pool, what="an IPv4 network"),
-    "ciphers": _ciphers,
+    "ciphers": _alg_list("cipher", DEFAULT_CIPHERS),
+    "kex_algorithms": _alg_list("key exchange algorithm", DEFAULT_KEX_ALGS),
+    "host_key_algorithms": _alg_list("host key algorithm", DEFAULT_HOST_KEY_ALGS),
+    "macs": _alg_list("MAC", DEFAULT_MACS),
     "audit_log": _string(nullable=True, check=_non_blank),
     "audit_stdout": _boolean,
     "audit_max_size": _parsed(parse_size, what="a size"),
@@ -981,6 +1027,9 @@ class GatewayConfig:
     allow_forward_to: tuple[ForwardRule, ...]
     user_network_pool: ipaddress.IPv4Network  # carved into one /28 per user network
     ciphers: tuple[str, ...]  # SSH encryption algorithms offered
+    kex_algorithms: tuple[str, ...]  # key exchange algorithms offered
+    host_key_algorithms: tuple[str, ...]  # host-key signature algorithms offered
+    macs: tuple[str, ...]  # MAC algorithms offered (unused with AES-GCM)
     audit_log: Path | None  # None: no audit file
     audit_stdout: bool
     audit_max_size: int  # bytes per audit file before it is rotated
@@ -1044,6 +1093,9 @@ _GATEWAY_DEFAULTS: dict[str, Any] = {
     "allow_forward_to": [],
     "user_network_pool": "10.213.0.0/16",
     "ciphers": list(DEFAULT_CIPHERS),
+    "kex_algorithms": list(DEFAULT_KEX_ALGS),
+    "host_key_algorithms": list(DEFAULT_HOST_KEY_ALGS),
+    "macs": list(DEFAULT_MACS),
     "audit_log": "audit.log",
     "audit_stdout": False,
     "audit_max_size": "50m",

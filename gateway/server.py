@@ -50,6 +50,26 @@ def load_host_keys(state_dir: Path) -> list[asyncssh.SSHKey]:
     return keys
 
 
+def host_keypairs(keys: list[asyncssh.SSHKey],
+                  algs: tuple[str, ...]) -> list[asyncssh.SSHKeyPair]:
+    """Key pairs that sign only with the configured host-key algorithms, in that order.
+
+    asyncssh offers every signature a key can make (``ssh-rsa`` with SHA-1 too); it has no
+    server-side HostKeyAlgorithms, so each pair's list is narrowed here.  Keys left with no
+    algorithm are not offered at all.
+    """
+    wanted = [a.encode() for a in algs]
+    pairs = []
+    for pair in asyncssh.load_keypairs(keys):
+        allowed = [a for a in wanted if a in pair.host_key_algorithms]
+        if allowed:
+            pair.host_key_algorithms = allowed
+            pairs.append(pair)
+    if not pairs:
+        raise ValueError(f"no host key can sign with host_key_algorithms {', '.join(algs)}")
+    return pairs
+
+
 class Connection(asyncssh.SSHServer):
     """One client connection: authenticates a user and opens their sessions."""
 
@@ -298,10 +318,14 @@ class Gateway:
             log.info("host key %s %s", key.get_algorithm(), key.get_fingerprint())
         self._server = await asyncssh.listen(
             self.config.listen_host, self.config.listen_port,
-            server_factory=lambda: Connection(self), server_host_keys=keys,
+            server_factory=lambda: Connection(self),
+            server_host_keys=host_keypairs(keys, self.config.host_key_algorithms),
             # The client's order decides, so speed comes from what is offered: AES-GCM only
-            # by default (gateway.yaml `ciphers`; see docs/benchmarks.md).
-            encryption_algs=list(self.config.ciphers), encoding=None,
+            # by default (gateway.yaml `ciphers`; see docs/benchmarks.md).  kex/MAC lists:
+            # no SHA-1, no NIST curves (gateway.yaml `kex_algorithms`, `macs`).
+            encryption_algs=list(self.config.ciphers),
+            kex_algs=list(self.config.kex_algorithms), mac_algs=list(self.config.macs),
+            encoding=None,
             login_timeout=self.config.login_grace_time, reuse_address=True,
             # no GSSAPI: otherwise asyncssh resolves our FQDN per connection (a DNS stall)
             gss_host=None)
