@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import abc
 import asyncio
+import functools
 import ipaddress
 import json
 import logging
@@ -332,16 +333,15 @@ class DockerBackend(Backend):
         name = self.container_name(user)
         if self.disks is None or not self.disks.mounted(name):
             return None
-        return self.disks.usage(name).used, self.disks.size(name)
+        return self.disks.used(name), self.disks.size(name)
 
     async def _mount_disk(self, user: str, limits: Limits) -> None:
         """Mount the user's quota disk before her container starts (after a host reboot too)."""
         name = self.container_name(user)
         if self.disks is None or not (limits.disk or self.disks.exists(name)):
             return
-        size = max(limits.disk or 0, self.disks.size(name) if self.disks.exists(name) else 0)
         try:
-            await self.disks.ensure(name, size)
+            await self.disks.ensure(name, limits.disk or 0)  # grows, never shrinks
         except DiskError as exc:
             raise BackendError("Your disk could not be prepared; please tell your admin.",
                                f"disk of {user}: {exc}", "disk") from exc
@@ -407,9 +407,9 @@ class DockerBackend(Backend):
     async def _create(self, user: str, limits: Limits) -> None:
         net = self.network_name(user)
         vols = self.volume_names(user)
+        # ensure() mounts the disk (and makes home/ and docker/ on it) before the first start
         disk = None
         if limits.disk and self.disks is not None:
-            await self._mount_disk(user, limits)
             disk = self.disks.mountpoint(self.container_name(user))
         for role, vol in vols.items():
             body: dict[str, Any] = {"Name": vol, "Labels": self.labels(user, **{
@@ -532,6 +532,7 @@ class DockerBackend(Backend):
                           pids=hc.get("PidsLimit") if (hc.get("PidsLimit") or 0) > 0 else None))
 
 
+@functools.cache
 def rootless_seccomp() -> str:
     """The rootless profile's seccomp filter as JSON (scripts/seccomp-rootless.py made it)."""
     text = resources.files("gateway").joinpath("profiles/seccomp-rootless.json").read_text()

@@ -21,7 +21,6 @@ import asyncio
 import contextlib
 import logging
 import os
-from dataclasses import dataclass
 from pathlib import Path
 
 log = logging.getLogger("dind_gateway.disks")
@@ -32,14 +31,6 @@ _TOOL_TIMEOUT = 120.0
 
 class DiskError(Exception):
     """A quota could not be set up or changed; the message says why, for the admin."""
-
-
-@dataclass(frozen=True)
-class DiskUsage:
-    """Bytes used and the size of the filesystem, as `df` would show them."""
-
-    used: int
-    size: int
 
 
 async def _run(*argv: str) -> str:
@@ -110,11 +101,10 @@ class Disks:
         os.replace(tmp, image)
         log.info("created disk %s (%d MiB)", image, size >> 20)
 
-    def usage(self, name: str) -> DiskUsage:
-        """Used and total bytes of a mounted disk (statvfs, like df)."""
+    def used(self, name: str) -> int:
+        """Bytes in use on a mounted disk (statvfs, as df counts them)."""
         st = os.statvfs(self.mountpoint(name))
-        return DiskUsage(used=(st.f_blocks - st.f_bfree) * st.f_frsize,
-                         size=st.f_blocks * st.f_frsize)
+        return (st.f_blocks - st.f_bfree) * st.f_frsize
 
     def size(self, name: str) -> int:
         """The quota: the image's size (the filesystem's own size is that less metadata)."""
@@ -132,7 +122,7 @@ class Disks:
             raise DiskError(f"disk {name} is not mounted")
         current = self.size(name)
         if size < current:
-            used = self.usage(name).used
+            used = self.used(name)
             if size < used:
                 raise DiskError(f"cannot lower the quota of {name} to {size >> 20} MiB: "
                                 f"{used >> 20} MiB are in use")

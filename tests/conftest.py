@@ -210,6 +210,13 @@ class GatewayProc:
     def container_name(self, user: str) -> str:
         return f"{self.prefix}-{user}"
 
+    def teardown(self, client: docker.DockerClient, lines: int = 100) -> None:
+        """Stop, show the log tail, and remove every object and quota mount it made."""
+        self.stop()
+        print(f"--- gateway {self.prefix} log tail ---\n{self.tail(lines)}")
+        remove_labelled(client, self.prefix)
+        unmount_under(self.dir)
+
 
 @pytest.fixture(scope="session")
 def gateway(tmp_path_factory: pytest.TempPathFactory, keys: dict[str, Path],
@@ -218,10 +225,7 @@ def gateway(tmp_path_factory: pytest.TempPathFactory, keys: dict[str, Path],
     gw = GatewayProc(tmp_path_factory.mktemp("gw"), keys)
     gw.start()
     yield gw
-    gw.stop()
-    print(f"--- gateway log tail ---\n{gw.tail(200)}")
-    remove_labelled(docker_client, gw.prefix)
-    unmount_under(gw.dir)
+    gw.teardown(docker_client, 200)
 
 
 @pytest.fixture
@@ -237,7 +241,4 @@ def make_gateway(tmp_path_factory: pytest.TempPathFactory, keys: dict[str, Path]
 
     yield make
     for gw in made:
-        gw.stop()
-        print(f"--- private gateway {gw.prefix} log tail ---\n{gw.tail(100)}")
-        remove_labelled(docker_client, gw.prefix)
-        unmount_under(gw.dir)
+        gw.teardown(docker_client)

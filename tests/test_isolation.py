@@ -28,8 +28,6 @@ REWRITE = 'v=$(cat {p}) && printf "%s\\n" "$v" > {p}'  # the sysctl's own value,
 
 @pytest.fixture(scope="module")
 def iso(tmp_path_factory, keys: dict[str, Path], docker_client: docker.DockerClient):
-    from .conftest import remove_labelled, unmount_under
-
     # DGW_TEST_PROFILE=hardened runs the same attacks against that profile (docs/security.md)
     gw = GatewayProc(tmp_path_factory.mktemp("iso"), keys, metrics_listen="127.0.0.1:0",
                      security_profile=os.environ.get("DGW_TEST_PROFILE", "rootless"))
@@ -44,10 +42,7 @@ def iso(tmp_path_factory, keys: dict[str, Path], docker_client: docker.DockerCli
     assert r.returncode == 0, r.stderr
     assert gw.ssh("bob", "echo bob-secret > secret.txt").returncode == 0
     yield gw
-    gw.stop()
-    print(f"--- isolation gateway log ---\n{gw.tail(120)}")
-    remove_labelled(docker_client, gw.prefix)
-    unmount_under(gw.dir)
+    gw.teardown(docker_client, 120)
 
 
 def run(gw: GatewayProc, command: str, user: str = "alice") -> tuple[int, str]:
