@@ -40,7 +40,9 @@ def main() -> int:
 
         asyncssh.listen = listen_with_overrides
 
-    from gateway import backend, dockerapi, server, session
+    from gateway.backend.docker import backend, process
+    from gateway.backend.docker import engine as dockerapi
+    from gateway.ssh import server, session
 
     def span(cls: type, name: str, label: Any) -> None:
         orig = getattr(cls, name)
@@ -74,14 +76,14 @@ def main() -> int:
     span(dockerapi.DockerClient, "_call", api_label)
     span(dockerapi.DockerClient, "exec_start", "api POST /exec/{id}/start (hijack)")
     span(backend.DockerBackend, "ensure", "ensure")
-    span(backend.ExecProcess, "wait", "exit-status wait")
+    span(process.DockerProcess, "wait", "exit-status wait")
     span(session.GatewaySession, "_run", "session")
     point(server.Connection, "connection_made", "connection made")
     point(server.Connection, "auth_completed", "auth completed")
     point(session.GatewaySession, "session_started", "session started")
     point(session.GatewaySession, "connection_lost", "channel closed")
 
-    from gateway.cli import main as gateway_main
+    from gateway.app import main as gateway_main
 
     return gateway_main(argv)
 

@@ -32,6 +32,7 @@ from pathlib import Path
 import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
+SECCOMP = ROOT / "gateway" / "backend" / "docker" / "profiles" / "seccomp-rootless.json"
 BENCH_DIR = Path(__file__).resolve().parent
 SSHD = "/usr/sbin/sshd"
 SFTP_SERVER = "/usr/lib/openssh/sftp-server"
@@ -54,7 +55,7 @@ ROOTLESS_FLAGS = ["--init", "--cgroupns", "private", "--cap-drop", "ALL",
                   *[f for c in ("CHOWN", "DAC_OVERRIDE", "FOWNER", "SETUID", "SETGID", "KILL")
                     for f in ("--cap-add", c)],
                   "--security-opt",
-                  f"seccomp={ROOT / 'gateway' / 'profiles' / 'seccomp-rootless.json'}",
+                  f"seccomp={SECCOMP}",
                   "--security-opt", "systempaths=unconfined", "--device", "/dev/net/tun",
                   "--tmpfs", "/run:exec,size=64m", "--tmpfs", "/tmp:exec,size=4g",
                   "--tmpfs", "/var/tmp:exec,size=4g"]

@@ -32,7 +32,7 @@ from passlib.context import CryptContext
 from passlib.exc import MissingBackendError
 
 
-def _parse_port(text: str, *, allow_zero: bool) -> int:
+def parse_port(text: str, *, allow_zero: bool) -> int:
     if not text.isdigit():
         raise ValueError(f"port {text!r} is not a number")
     port = int(text)
@@ -109,7 +109,7 @@ def _check_permitopen(value: str) -> None:
     if not host:
         raise ValueError(f'permitopen="{value}" must be host:port')
     if port != "*":
-        _parse_port(port, allow_zero=False)
+        parse_port(port, allow_zero=False)
 
 
 def _diagnose_key(text: str) -> str:

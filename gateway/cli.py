@@ -1,4 +1,8 @@
-"""Command line: turns flags into a config object and hands it to the gateway."""
+"""Command line: turns flags into a config object and hands it to the gateway.
+
+`serve` is given by the caller (gateway.app), so this module builds nothing itself; the other
+commands are offline (`check`, `hash-password`) or talk to the running gateway's control socket.
+"""
 
 from __future__ import annotations
 
@@ -8,12 +12,15 @@ import getpass
 import logging
 import os
 import sys
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
-from .admin import AdminError, call
 from .auth import hash_password
 from .config import ConfigError, GatewayConfig, load_gateway_config, load_users
+from .services.admin import AdminError, call
+
+Serve = Callable[[GatewayConfig], Awaitable[int]]
 
 DEFAULT_CONFIG = os.environ.get("DIND_GATEWAY_CONFIG", "/etc/dind-gateway/gateway.yaml")
 
@@ -33,18 +40,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     except ImportError:  # pragma: no cover - optional speed-up
         uvloop = None
     runner = uvloop.run if uvloop and not args.no_uvloop else asyncio.run
-    return runner(_serve(config))
-
-
-async def _serve(config: GatewayConfig) -> int:
-    from .server import Gateway
-
-    gateway = Gateway(config)
-    await gateway.start()
-    gateway.install_signal_handlers()
-    print(f"dind-gateway listening on {config.listen_host}:{gateway.port}", flush=True)
-    await gateway.serve_forever()
-    return 0
+    return runner(args.serve(config))
 
 
 def cmd_check(args: argparse.Namespace) -> int:
@@ -174,8 +170,14 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, serve: Serve | None = None) -> int:
+    """Run one command; `serve` runs the gateway (gateway.app.serve)."""
     args = build_parser().parse_args(argv)
+    args.serve = serve
+    if args.command == "serve" and serve is None:
+        print("dind-gateway: start the gateway with `dind-gateway serve` "
+              "(gateway.app:main)", file=sys.stderr)
+        return 2
     try:
         return args.func(args)
     except (ConfigError, AdminError) as exc:
@@ -183,7 +185,3 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     except KeyboardInterrupt:
         return 130
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -32,10 +32,10 @@ from yaml.constructor import ConstructorError, SafeConstructor
 
 from .auth import (
     AuthorizedKey,
-    _parse_port,
     check_password_hash,
     match_key,
     parse_authorized_key,
+    parse_port,
 )
 
 __all__ = [
@@ -197,7 +197,7 @@ def parse_address(value: object, *, allow_port_zero: bool = True) -> Address:
     if not isinstance(value, str):
         raise ValueError(f"must be a quoted 'host:port' string, not {value!r}")
     host, port_text = _split_host_port(value.strip())
-    port = _parse_port(port_text, allow_zero=allow_port_zero)
+    port = parse_port(port_text, allow_zero=allow_port_zero)
     if not host:
         raise ValueError(f"{value!r} has no host; use 0.0.0.0 or [::] for all addresses")
     if value.strip().startswith("["):
@@ -797,6 +797,8 @@ def _is_null(node: _Node) -> bool:
 
 SecurityProfile = Literal["rootless", "hardened", "privileged", "sysbox"]
 SECURITY_PROFILES: tuple[str, ...] = ("rootless", "hardened", "privileged", "sysbox")
+# docker: one DinD container per user; fake: local processes, for fast tests and demos only
+BACKENDS: tuple[str, ...] = ("docker", "fake")
 IDLE_POLICIES: tuple[str, ...] = ("activity", "strict")
 LOG_LEVELS: tuple[str, ...] = ("debug", "info", "warning", "error", "critical")
 PREFIX_RE = re.compile(r"[a-z][a-z0-9-]{0,20}")
@@ -860,7 +862,7 @@ def _forward_rule(value: Any) -> ForwardRule:
             ipaddress.ip_network(host)
         except ValueError as exc:
             raise ValueError(f"{host!r} is not a valid CIDR block: {exc}") from None
-    return ForwardRule(host, None if port == "*" else _parse_port(port, allow_zero=False))
+    return ForwardRule(host, None if port == "*" else parse_port(port, allow_zero=False))
 
 
 def _forward_rules(node: _Node, field: str, errs: _Errors) -> Any:
@@ -966,6 +968,7 @@ _GATEWAY_SPEC: dict[str, Converter] = {
     "listen": _parsed(parse_address, what="host:port"),
     "users_file": _string(check=_non_blank),
     "state_dir": _string(check=_non_blank),
+    "backend": _choice(BACKENDS),
     "image": _string(check=_check_image),
     "security_profile": _choice(SECURITY_PROFILES),
     "prefix": _string(check=_check_prefix),
@@ -1009,6 +1012,7 @@ class GatewayConfig:
     listen: Address
     users_file: Path
     state_dir: Path
+    backend: Literal["docker", "fake"]
     image: str
     security_profile: SecurityProfile
     prefix: str
@@ -1075,6 +1079,7 @@ _GATEWAY_DEFAULTS: dict[str, Any] = {
     "listen": "0.0.0.0:2222",
     "users_file": "users.yaml",
     "state_dir": "/var/lib/dind-gateway",
+    "backend": "docker",
     "image": "dind-gateway/dind:latest",
     "security_profile": "rootless",
     "prefix": "dgw",

@@ -5,7 +5,7 @@
     dpkg -x golang-github-docker-docker-dev_*.deb x
     python3 scripts/seccomp-rootless.py \
         x/usr/share/gocode/src/github.com/docker/docker/profiles/seccomp/default.json \
-        > gateway/profiles/seccomp-rootless.json
+        > gateway/backend/docker/profiles/seccomp-rootless.json
 
 Docker's default profile allows the namespace and mount syscalls only to containers holding
 CAP_SYS_ADMIN.  A rootless dockerd needs them without that capability: rootlesskit and the

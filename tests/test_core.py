@@ -301,8 +301,8 @@ def test_user_networks_come_from_the_pool(gateway: GatewayProc,
     import asyncio
     import ipaddress
 
-    from gateway.backend import BackendError, DockerBackend
-    from gateway.dockerapi import DockerClient
+    from gateway.backend import BackendError
+    from gateway.backend.docker import DockerBackend, DockerClient
 
     from .conftest import remove_labelled
 

@@ -28,9 +28,9 @@ import asyncssh
 import pexpect
 from prometheus_client.parser import text_string_to_metric_families
 
-from gateway.audit import AuditLog
-from gateway.events import Events
-from gateway.guard import Guard, source_of
+from gateway.observe.audit import AuditLog
+from gateway.observe.events import Events
+from gateway.ssh.guard import Guard, source_of
 
 from .conftest import GatewayProc, free_port, wait_for
 

@@ -1,31 +1,32 @@
-"""Per-user environments: the backend contract and its Docker implementation.
+"""The Docker backend: one DinD container per user, her volumes and a private bridge network.
 
-The contract is deliberately small (ensure / stop / inspect / exec, plus update and purge), in the
-spirit of JupyterHub's Spawner, so that another backend (Kubernetes) can follow.  Every operation
-is idempotent: "already running", "already stopped" and "already gone" count as success.
+Everything that knows Docker lives in this package: the engine client (`engine`), container
+lifecycle and naming (here), security profiles (`security`), disk quotas (`disks`), the exec
+wrapper and signal delivery (`process`) and pre-started execs (`spares`).
 """
 
 from __future__ import annotations
 
-import abc
 import asyncio
-import functools
 import ipaddress
 import json
 import logging
 import os
+import socket
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
-from importlib import resources
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from .aio import background
+from ...aio import background
+from ...observe.events import Events
+from ..base import Backend, BackendError, EnvState, EnvStats, Limits, ProcessSpec
 from .disks import DiskError, Disks
-from .dockerapi import DockerClient, DockerError, ExecStream
-from .events import Events
-from .prestart import Spares, encode_header
+from .engine import DockerClient, DockerError
+from .process import DockerProcess, exec_argv
+from .security import PROFILES, host_config, limit_spec
+from .spares import Spares, encode_header
 
 log = logging.getLogger("dind_gateway.backend")
 
@@ -36,136 +37,7 @@ LABEL_ROLE = "dind-gateway.role"
 
 INNER_DOCKER_HOST = "unix:///var/run/docker.sock"
 USER_UID = 1000
-PROFILES = ("rootless", "hardened", "privileged", "sysbox")
-# Profiles under which the user holds root-equivalent power over the host (docs/security.md).
-ROOT_EQUIVALENT = ("hardened", "privileged")
-# What the rootless profile's init still needs as root before it drops to the user: chown of
-# her home, volume and tun device, setuid/setgid to become her, and kill for tini (root) to
-# pass `docker stop`'s signal to her daemon.  Everything else of Docker's default set goes.
-ROOTLESS_CAPS = ["CHOWN", "DAC_OVERRIDE", "FOWNER", "SETUID", "SETGID", "KILL"]
-TMP_DEFAULT = 1 << 30  # /tmp size when memory is unlimited (tmpfs counts against memory)
-
-
-class BackendError(Exception):
-    """An environment could not be provided.  `user_message` is safe to show the user."""
-
-    def __init__(self, user_message: str, log_message: str | None = None,
-                 reason: str = "error") -> None:
-        super().__init__(log_message or user_message)
-        self.user_message = user_message
-        self.reason = reason
-
-
-@dataclass(frozen=True)
-class Limits:
-    """Resource caps for one environment; None means unlimited."""
-
-    cpus: float | None = None
-    memory: int | None = None
-    pids: int | None = None
-    disk: int | None = None
-
-
-@dataclass
-class EnvState:
-    """What `inspect` reports about one user's environment."""
-
-    user: str
-    exists: bool
-    running: bool = False
-    container_id: str = ""
-    started_at: str = ""
-    ip: str = ""
-    status: str = "missing"
-    limits: Limits = field(default_factory=Limits)
-
-
-class ExecProcess:
-    """A process started in an environment: its byte stream plus resize / wait / signal."""
-
-    def __init__(self, backend: DockerBackend, exec_id: str, stream: ExecStream) -> None:
-        self._backend = backend
-        self.exec_id = exec_id
-        self.stream = stream
-        self.on_exit: Callable[[], object] | None = None
-
-    async def resize(self, rows: int, cols: int) -> None:
-        try:
-            await self._backend.docker.exec_resize(self.exec_id, rows, cols)
-        except DockerError as exc:  # the process may have just exited
-            log.debug("resize of exec %s failed: %s", self.exec_id[:12], exc)
-
-    async def wait(self, poll: float = 0.02, timeout: float = 10.0) -> int:
-        """Exit code once the engine reports the process gone (after the stream ended)."""
-        deadline = time.monotonic() + timeout
-        while True:
-            info = await self._backend.docker.exec_inspect(self.exec_id)
-            if not info.get("Running") and info.get("ExitCode") is not None:
-                if self.on_exit is not None:
-                    self.on_exit()
-                return int(info["ExitCode"])
-            if time.monotonic() > deadline:
-                return 255
-            await asyncio.sleep(poll)
-            poll = min(poll * 2, 0.2)
-
-
-class Backend(abc.ABC):
-    """What the session layer needs from a container platform."""
-
-    @abc.abstractmethod
-    async def ensure(self, user: str, limits: Limits,
-                     progress: Callable[[str], None] | None = None) -> EnvState:
-        """Make the user's environment exist, run and be ready; create/start only if needed."""
-
-    @abc.abstractmethod
-    async def stop(self, user: str) -> None:
-        """Stop the environment, keeping its data.  Missing or stopped is fine."""
-
-    @abc.abstractmethod
-    async def inspect(self, user: str) -> EnvState:
-        """Current state; `exists=False` when there is nothing."""
-
-    @abc.abstractmethod
-    async def exec(self, user: str, argv: list[str], *, tty: bool, env: dict[str, str],
-                   run_as: str, workdir: str) -> ExecProcess:
-        """Start a process inside a running environment with a live byte stream."""
-
-    @abc.abstractmethod
-    async def list_environments(self) -> list[EnvState]:
-        """Every environment this gateway instance owns, running or not."""
-
-    @abc.abstractmethod
-    async def has_workloads(self, user: str) -> bool:
-        """Whether the user's inner daemon is running containers (activity for culling)."""
-
-    @abc.abstractmethod
-    def lock(self, user: str) -> asyncio.Lock:
-        """The lock that serialises lifecycle changes of one user's environment."""
-
-    async def run(self, user: str, argv: list[str]) -> tuple[int, bytes]:
-        """Run a short housekeeping command *as the user* (never root: the container is hers,
-        and nothing the gateway runs there as root may read anything she controls)."""
-        proc = await self.exec(user, argv, tty=False, env={}, run_as=user, workdir="/")
-        out = []
-        try:
-            while True:
-                stream, data = await proc.stream.read()
-                if not stream:
-                    break
-                if stream == 1:
-                    out.append(data)
-        finally:
-            proc.stream.close()
-        return await proc.wait(), b"".join(out)
-
-    @abc.abstractmethod
-    async def update_limits(self, user: str, limits: Limits) -> None:
-        """Apply new caps to a running environment without restarting it."""
-
-    @abc.abstractmethod
-    async def purge(self, user: str) -> None:
-        """Delete the environment and all its data (container, network, volumes)."""
+_LOCAL_NAMES = {"localhost", "127.0.0.1", "::1", "ip6-localhost"}
 
 
 class DockerBackend(Backend):
@@ -188,11 +60,12 @@ class DockerBackend(Backend):
         # users than that, so each user network gets a small subnet from our own pool.
         self.network_pool = ipaddress.IPv4Network(network_pool)
         self.subnet_prefix = subnet_prefix
-        self.spares = Spares(self) if prestart else None
+        self.spares = Spares(docker, self.container_name) if prestart else None
         self.disks = Disks(disks_dir) if disks_dir is not None else None
         self._locks: dict[str, asyncio.Lock] = {}
         # container id + start time that we have seen ready: lets a warm login skip the ping.
         self._ready: dict[str, tuple[str, str]] = {}
+        self._df_cache: tuple[float, dict[str, int]] | None = None
 
     # --- names ----------------------------------------------------------------------------
 
@@ -213,7 +86,9 @@ class DockerBackend(Backend):
     async def inspect(self, user: str) -> EnvState:
         return self._state(user, await self.docker.inspect_container(self.container_name(user)))
 
-    def lock(self, user: str) -> asyncio.Lock:
+    def _lock(self, user: str) -> asyncio.Lock:
+        """Serialises lifecycle changes of one user's environment (not part of the contract:
+        callers say what must hold with `stop(unless=...)`)."""
         return self._locks.setdefault(user, asyncio.Lock())
 
     async def list_environments(self) -> list[EnvState]:
@@ -234,7 +109,7 @@ class DockerBackend(Backend):
 
     async def ensure(self, user: str, limits: Limits,
                      progress: Callable[[str], None] | None = None) -> EnvState:
-        async with self.lock(user):
+        async with self._lock(user):
             state = await self.inspect(user)
             if state.running and self._ready.get(user) == (state.container_id, state.started_at):
                 return state
@@ -265,43 +140,130 @@ class DockerBackend(Backend):
         if self.spares is not None:
             self.spares.drop(user)
 
-    async def stop(self, user: str) -> None:
-        self._forget(user)
-        t0 = time.monotonic()
-        try:
-            # 20 s: the inner dockerd itself waits 10 s for its containers to stop.
-            await self.docker.request("POST", f"/containers/{self.container_name(user)}/stop",
-                                      query={"t": 20}, ok=(204, 304), timeout=60)
-        except DockerError as exc:
-            if exc.status != 404:
-                raise
-            return
+    async def stop(self, user: str, *, unless: Callable[[], bool] | None = None) -> bool:
+        async with self._lock(user):
+            if unless is not None and unless():
+                return False
+            self._forget(user)
+            t0 = time.monotonic()
+            try:
+                # 20 s: the inner dockerd itself waits 10 s for its containers to stop.
+                await self.docker.request(
+                    "POST", f"/containers/{self.container_name(user)}/stop",
+                    query={"t": 20}, ok=(204, 304), timeout=60)
+            except DockerError as exc:
+                if exc.status != 404:
+                    raise
+                return False
         self.events.emit("container.stop", user=user, container=self.container_name(user),
                          duration=round(time.monotonic() - t0, 3))
+        return True
 
-    async def exec(self, user: str, argv: list[str], *, tty: bool, env: dict[str, str],
-                   run_as: str, workdir: str) -> ExecProcess:
-        name = self.container_name(user)
-        if self.spares is not None and self.spares.usable(user, tty, run_as, workdir):
+    async def start(self, spec: ProcessSpec) -> DockerProcess:
+        user = spec.user
+        argv, env, pidfile = exec_argv(spec)
+        workdir = spec.workdir or f"/home/{user}"
+        if self.spares is not None and self.spares.usable(user, spec.tty, workdir):
             spare = await self.spares.take(user)
             if spare is not None:
                 exec_id, stream = spare
                 stream.write(encode_header(argv, env))
-                proc = ExecProcess(self, exec_id, stream)
+                proc = self._process(exec_id, stream, user, pidfile)
             else:
-                proc = await self._fresh_exec(name, argv, tty, env, run_as, workdir)
+                proc = await self._fresh_exec(user, argv, spec.tty, env, workdir, pidfile)
             # the next session's spare starts once this one is over, not competing with it
-            proc.on_exit = lambda: background(self.spares.replenish(user))
+            spares = self.spares
+            proc.on_exit = lambda: background(spares.replenish(user))
             return proc
-        return await self._fresh_exec(name, argv, tty, env, run_as, workdir)
+        return await self._fresh_exec(user, argv, spec.tty, env, workdir, pidfile)
 
-    async def _fresh_exec(self, name: str, argv: list[str], tty: bool, env: dict[str, str],
-                          run_as: str, workdir: str) -> ExecProcess:
+    def _process(self, exec_id: str, stream: Any, user: str,
+                 pidfile: str | None) -> DockerProcess:
+        return DockerProcess(self.docker, exec_id, stream, user=user, pidfile=pidfile,
+                             runner=self.run)
+
+    async def _fresh_exec(self, user: str, argv: list[str], tty: bool, env: dict[str, str],
+                          workdir: str, pidfile: str | None) -> DockerProcess:
         exec_id = await self.docker.exec_create(
-            name, argv, tty=tty, user=run_as, workdir=workdir,
+            self.container_name(user), argv, tty=tty, user=user, workdir=workdir,
             env=[f"{k}={v}" for k, v in env.items()])
         stream = await self.docker.exec_start(exec_id, tty)
-        return ExecProcess(self, exec_id, stream)
+        return self._process(exec_id, stream, user, pidfile)
+
+    async def open_connection(self, user: str, port: int) -> socket.socket:
+        state = await self.inspect(user)
+        if not state.running or not state.ip:
+            raise BackendError("your container is not running", f"{user}: no address",
+                               "not-running")
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock.setblocking(False)
+        try:
+            await asyncio.get_running_loop().sock_connect(sock, (state.ip, port))
+        except OSError as exc:
+            sock.close()
+            raise BackendError(f"connection to port {port} failed: {exc.strerror or exc}",
+                               f"{user}: connect {state.ip}:{port}: {exc}",
+                               "connect-failed") from exc
+        return sock
+
+    def aliases(self, user: str) -> set[str]:
+        return _LOCAL_NAMES | {f"{user}-devbox", self.container_name(user), "devbox"}
+
+    def environment(self, user: str) -> dict[str, str]:
+        return {"DOCKER_HOST": INNER_DOCKER_HOST}
+
+    async def health(self) -> str:
+        t0 = time.monotonic()
+        if not await self.docker.ping():
+            raise BackendError("the container engine failed", "unexpected answer to /_ping",
+                               "engine")
+        return f"ok (docker answered in {time.monotonic() - t0:.3f} s)"
+
+    async def close(self) -> None:
+        if self.spares is not None:
+            self.spares.drop_all()
+
+    async def stats(self, user: str) -> EnvStats:
+        """State of the container plus two stats samples 0.5 s apart (for CPU %)."""
+        out = EnvStats(disk=self.disk_usage(user))
+        out.cache_bytes = (await self._volume_sizes()).get(self.volume_names(user)["docker"])
+        state = await self.inspect(user)
+        if not state.running:
+            return out
+        try:
+            s1 = await self.docker.request("GET", f"/containers/{state.container_id}/stats",
+                                           query={"stream": "false", "one-shot": "true"})
+            await asyncio.sleep(0.5)
+            s2 = await self.docker.request("GET", f"/containers/{state.container_id}/stats",
+                                           query={"stream": "false", "one-shot": "true"})
+        except DockerError:
+            return out
+        cpu = s2["cpu_stats"]["cpu_usage"]["total_usage"] - s1["cpu_stats"]["cpu_usage"][
+            "total_usage"]
+        system = (s2["cpu_stats"].get("system_cpu_usage", 0)
+                  - s1["cpu_stats"].get("system_cpu_usage", 0))
+        ncpu = s2["cpu_stats"].get("online_cpus") or 1
+        mem = s2.get("memory_stats", {})
+        out.uptime = _uptime(state.started_at)
+        out.cpu_percent = round(100.0 * cpu / system * ncpu, 1) if system > 0 else 0.0
+        out.mem_bytes = mem.get("usage", 0) - (mem.get("stats") or {}).get("cache", 0)
+        out.mem_limit = state.limits.memory
+        out.pids = (s2.get("pids_stats") or {}).get("current", 0)
+        return out
+
+    async def _volume_sizes(self) -> dict[str, int]:
+        """Sizes of every volume; /system/df is slow, so one call serves a whole `ps`."""
+        now = time.monotonic()
+        if self._df_cache is not None and now - self._df_cache[0] < 5:
+            return self._df_cache[1]
+        try:
+            df = await self.docker.request("GET", "/system/df", timeout=60)
+        except DockerError:
+            return {}
+        sizes = {v["Name"]: (v.get("UsageData") or {}).get("Size", -1)
+                 for v in df.get("Volumes") or []}
+        self._df_cache = (now, sizes)
+        return sizes
 
     async def update_limits(self, user: str, limits: Limits) -> None:
         """docker update for cpus/memory/pids; a larger `disk` grows the quota online."""
@@ -313,20 +275,22 @@ class DockerBackend(Backend):
                 raise BackendError(str(exc), reason="disk-resize") from exc
         try:
             await self.docker.request("POST", f"/containers/{self.container_name(user)}/update",
-                                      body=self._limit_spec(limits))
+                                      body=limit_spec(limits))
         except DockerError as exc:
             if exc.status != 404:
                 raise
 
     async def purge(self, user: str) -> None:
-        self._forget(user)
-        await self._ignore_missing("DELETE", f"/containers/{self.container_name(user)}",
-                                   query={"force": 1, "v": 0})
-        await self._ignore_missing("DELETE", f"/networks/{self.network_name(user)}")
-        for vol in self.volume_names(user).values():
-            await self._ignore_missing("DELETE", f"/volumes/{vol}")
-        if self.disks is not None and self.disks.exists(self.container_name(user)):
-            await self.disks.remove(self.container_name(user))
+        async with self._lock(user):
+            self._forget(user)
+            await self._ignore_missing("DELETE", f"/containers/{self.container_name(user)}",
+                                       query={"force": 1, "v": 0})
+            await self._ignore_missing("DELETE", f"/networks/{self.network_name(user)}")
+            for vol in self.volume_names(user).values():
+                await self._ignore_missing("DELETE", f"/volumes/{vol}")
+            if self.disks is not None and self.disks.exists(self.container_name(user)):
+                await self.disks.remove(self.container_name(user))
+        self.events.emit("container.purge", user=user)
 
     def disk_usage(self, user: str) -> tuple[int, int] | None:
         """(used, quota) bytes of the user's disk, or None without a mounted quota."""
@@ -355,55 +319,6 @@ class DockerBackend(Backend):
             if exc.status != 404:
                 raise
 
-    @staticmethod
-    def _limit_spec(limits: Limits) -> dict[str, Any]:
-        mem = limits.memory or 0
-        return {
-            "Memory": mem,
-            # swap equal to memory: no swapping past the cap; -1 would allow unlimited swap.
-            "MemorySwap": mem if mem else -1,
-            "NanoCpus": int((limits.cpus or 0) * 1e9),
-            "PidsLimit": limits.pids or -1,
-        }
-
-    def _security(self, limits: Limits) -> dict[str, Any]:
-        if self.profile == "rootless":
-            # docs/security.md says why each of these is needed and what it does not open.
-            tmp = f"exec,size={limits.memory or TMP_DEFAULT}"
-            opts = [f"seccomp={rootless_seccomp()}"]
-            if apparmor_enabled():
-                # docker-default forbids mount(2), which rootlesskit needs in its own user
-                # namespace (not verified here: this host has no AppArmor).
-                opts.append("apparmor=unconfined")
-            return {
-                "CgroupnsMode": "private",
-                "CapDrop": ["ALL"],
-                "CapAdd": ROOTLESS_CAPS,
-                "SecurityOpt": opts,
-                # an unmasked /proc: the kernel lets a user namespace mount a new proc only
-                # where the existing one is fully visible (inner containers need that)
-                "MaskedPaths": [],
-                "ReadonlyPaths": [],
-                "Devices": [{"PathOnHost": "/dev/net/tun", "PathInContainer": "/dev/net/tun",
-                             "CgroupPermissions": "rwm"}],
-                # the user can write nowhere on the container's root filesystem; what she
-                # may write outside her volumes is in memory, under her memory cap
-                "Tmpfs": {"/run": "exec,size=64m", "/tmp": tmp, "/var/tmp": tmp},
-            }
-        if self.profile == "privileged":
-            return {"Privileged": True, "CgroupnsMode": "private"}
-        if self.profile == "sysbox":
-            return {"Runtime": "sysbox-runc"}
-        # hardened: the least that runs dockerd here (shared/notes/dind-here.md).  The CLI's
-        # `systempaths=unconfined` is client-side sugar for empty Masked/ReadonlyPaths.
-        return {
-            "CgroupnsMode": "private",
-            "CapAdd": ["SYS_ADMIN", "NET_ADMIN"],
-            "SecurityOpt": ["seccomp=unconfined", "apparmor=unconfined"],
-            "MaskedPaths": [],
-            "ReadonlyPaths": [],
-        }
-
     async def _create(self, user: str, limits: Limits) -> None:
         net = self.network_name(user)
         vols = self.volume_names(user)
@@ -431,8 +346,8 @@ class DockerBackend(Backend):
                     {"Type": "volume", "Source": vols["home"], "Target": f"/home/{user}"},
                     {"Type": "volume", "Source": vols["docker"], "Target": "/var/lib/docker"},
                 ],
-                **self._limit_spec(limits),
-                **self._security(limits),
+                **limit_spec(limits),
+                **host_config(self.profile, limits),
             },
         }
         try:
@@ -532,15 +447,11 @@ class DockerBackend(Backend):
                           pids=hc.get("PidsLimit") if (hc.get("PidsLimit") or 0) > 0 else None))
 
 
-@functools.cache
-def rootless_seccomp() -> str:
-    """The rootless profile's seccomp filter as JSON (scripts/seccomp-rootless.py made it)."""
-    text = resources.files("gateway").joinpath("profiles/seccomp-rootless.json").read_text()
-    return json.dumps(json.loads(text), separators=(",", ":"))  # compact, as the CLI sends it
-
-
-def apparmor_enabled() -> bool:
+def _uptime(started: str) -> float | None:
+    if not started or started.startswith("0001"):
+        return None
     try:
-        return Path("/sys/module/apparmor/parameters/enabled").read_text().strip() == "Y"
-    except OSError:
-        return False
+        t = datetime.fromisoformat(started[:26].rstrip("Z") + "+00:00")
+    except ValueError:
+        return None
+    return max(0.0, time.time() - t.timestamp())

@@ -15,12 +15,9 @@ from __future__ import annotations
 
 import logging
 import re
-from typing import TYPE_CHECKING
+from collections.abc import Callable
 
-from .dockerapi import DockerError, ExecStream
-
-if TYPE_CHECKING:
-    from .backend import DockerBackend
+from .engine import DockerClient, DockerError, ExecStream
 
 log = logging.getLogger("dind_gateway.prestart")
 
@@ -57,13 +54,14 @@ def encode_header(argv: list[str], env: dict[str, str]) -> bytes:
 class Spares:
     """At most one waiting spare exec per user."""
 
-    def __init__(self, backend: DockerBackend) -> None:
-        self.backend = backend
+    def __init__(self, docker: DockerClient, container_name: Callable[[str], str]) -> None:
+        self.docker = docker
+        self.container_name = container_name
         self._spares: dict[str, tuple[str, ExecStream]] = {}
         self._starting: set[str] = set()
 
-    def usable(self, user: str, tty: bool, run_as: str, workdir: str) -> bool:
-        return not tty and run_as == user and workdir == f"/home/{user}"
+    def usable(self, user: str, tty: bool, workdir: str) -> bool:
+        return not tty and workdir == f"/home/{user}"
 
     async def take(self, user: str) -> tuple[str, ExecStream] | None:
         """A live spare of this user's, or None."""
@@ -72,7 +70,7 @@ class Spares:
             return None
         exec_id, stream = spare
         try:
-            alive = (await self.backend.docker.exec_inspect(exec_id)).get("Running")
+            alive = (await self.docker.exec_inspect(exec_id)).get("Running")
         except DockerError:
             alive = False
         if not alive or stream.at_eof():
@@ -86,10 +84,10 @@ class Spares:
             return
         self._starting.add(user)
         try:
-            name = self.backend.container_name(user)
-            exec_id = await self.backend.docker.exec_create(
+            name = self.container_name(user)
+            exec_id = await self.docker.exec_create(
                 name, SPARE_ARGV, tty=False, user=user, workdir=f"/home/{user}")
-            stream = await self.backend.docker.exec_start(exec_id, False)
+            stream = await self.docker.exec_start(exec_id, False)
             old = self._spares.pop(user, None)
             if old is not None:
                 old[1].close()
@@ -103,3 +101,7 @@ class Spares:
         spare = self._spares.pop(user, None)
         if spare is not None:
             spare[1].close()
+
+    def drop_all(self) -> None:
+        for user in list(self._spares):
+            self.drop(user)

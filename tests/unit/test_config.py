@@ -26,7 +26,7 @@ from gateway.config import (
     parse_users,
 )
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 _PRIVATE = asyncssh.generate_private_key("ssh-ed25519", comment="test@example")
 KEY = _PRIVATE.export_public_key("openssh").decode().strip()
 KEY2 = (

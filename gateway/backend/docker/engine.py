@@ -16,16 +16,21 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import quote, urlencode
 
+from ..base import BackendError
+
 API_VERSION = "v1.41"
 _READ_SIZE = 256 * 1024
 _MAX_HEADER = 64 * 1024
 
 
-class DockerError(Exception):
-    """An error answer from the engine (status >= 400) or a broken connection to it."""
+class DockerError(BackendError):
+    """An error answer from the engine (status >= 400) or a broken connection to it.
+
+    The user sees only that the engine failed; the log gets the engine's own words."""
 
     def __init__(self, status: int, message: str) -> None:
-        super().__init__(f"docker: {status}: {message}")
+        super().__init__("the container engine failed; please try again.",
+                         f"docker: {status}: {message}", "engine")
         self.status = status
         self.message = message
 

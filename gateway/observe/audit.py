@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 from typing import IO, Any
 
-from .config import GatewayConfig
+from ..config import GatewayConfig
 from .events import Event
 
 log = logging.getLogger("dind_gateway.audit")

@@ -1,10 +1,10 @@
-"""Prometheus metrics and a Docker health check, on a tiny HTTP server (off by default).
+"""Prometheus metrics and a health check, on a tiny HTTP server (off by default).
 
 `Metrics` is an event sink (see gateway/events.py) that turns gateway events into counters,
 gauges and a histogram in its own registry; a few gauges are read at scrape time (connections
 still authenticating, banned sources, containers by state from the engine).  `MetricsServer`
-answers ``GET /metrics`` and ``GET /healthz`` (200 when the Docker engine answers a ping within
-``health_timeout``, else 503) with plain asyncio: no web framework for two URLs.  It has no
+answers ``GET /metrics`` and ``GET /healthz`` (200 when the backend's `health()` answers
+within ``health_timeout``, else 503) with plain asyncio: no web framework for two URLs.  It has no
 authentication, so bind it to loopback.
 """
 
@@ -12,11 +12,8 @@ from __future__ import annotations
 
 import asyncio
 import ipaddress
-import json
 import logging
-import time
 from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -28,12 +25,8 @@ from prometheus_client import (
     generate_latest,
 )
 
-from .backend import LABEL_INSTANCE
-from .config import Address
+from ..config import Address
 from .events import Event
-
-if TYPE_CHECKING:
-    from .server import Gateway
 
 log = logging.getLogger("dind_gateway.metrics")
 
@@ -156,39 +149,6 @@ class MetricsServer:
         self.health_timeout = health_timeout
         self._server: asyncio.Server | None = None
 
-    @classmethod
-    def for_gateway(cls, gateway: Gateway) -> MetricsServer:
-        """Subscribe a new Metrics to the gateway's events and wire the scrape-time gauges."""
-        assert gateway.config.metrics_listen is not None
-        metrics = Metrics()
-        gateway.events.subscribe(metrics)
-        docker = getattr(gateway.backend, "docker", None)
-        prefix = gateway.config.prefix
-
-        async def ping() -> object:
-            if docker is None:
-                return True
-            if not await docker.ping():
-                raise RuntimeError("unexpected answer to /_ping")
-            return True
-
-        async def container_states() -> dict[str, int]:
-            found = await docker.request("GET", "/containers/json", query={
-                "all": 1, "filters": json.dumps({"label": [f"{LABEL_INSTANCE}={prefix}"]})},
-                timeout=2)
-            counts: dict[str, int] = {}
-            for c in found:
-                counts[c.get("State", "unknown")] = counts.get(c.get("State", "unknown"), 0) + 1
-            return counts
-
-        def before_scrape() -> None:
-            metrics.unauthenticated.set(gateway.guard.unauthenticated)
-            metrics.banned.set(gateway.guard.banned_sources())
-
-        return cls(metrics, gateway.config.metrics_listen, ping=ping,
-                   container_states=container_states if docker is not None else None,
-                   before_scrape=before_scrape)
-
     async def start(self) -> None:
         host = self.address.host
         try:
@@ -209,14 +169,13 @@ class MetricsServer:
             await self._server.wait_closed()
 
     async def health(self) -> tuple[bool, str]:
-        t0 = time.monotonic()
         try:
-            await asyncio.wait_for(self._ping(), self.health_timeout)
+            text = await asyncio.wait_for(self._ping(), self.health_timeout)
         except TimeoutError:
-            return False, f"docker engine did not answer within {self.health_timeout:g} s"
+            return False, f"container engine did not answer within {self.health_timeout:g} s"
         except Exception as exc:  # noqa: BLE001 - any failure means unhealthy
-            return False, f"docker engine unreachable: {exc}"
-        return True, f"ok (docker answered in {time.monotonic() - t0:.3f} s)"
+            return False, f"container engine unreachable: {exc}"
+        return True, text if isinstance(text, str) else "ok"
 
     async def scrape(self) -> bytes:
         if self._before_scrape is not None:

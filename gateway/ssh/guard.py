@@ -33,8 +33,8 @@ from typing import Protocol
 
 import asyncssh
 
-from .config import GatewayConfig
-from .events import Events
+from ..config import GatewayConfig
+from ..observe.events import Events
 
 log = logging.getLogger("dind_gateway.guard")
 

@@ -1,0 +1,14 @@
+"""Per-user environments: the contract (`base`) and its implementations (`docker`, `fake`)."""
+
+from .base import (
+    Backend,
+    BackendError,
+    EnvState,
+    EnvStats,
+    Limits,
+    Process,
+    ProcessSpec,
+)
+
+__all__ = ["Backend", "BackendError", "EnvState", "EnvStats", "Limits", "Process",
+           "ProcessSpec"]

@@ -1,0 +1,213 @@
+"""The backend contract: the only way the rest of the gateway touches user environments.
+
+In the spirit of JupyterHub's Spawner: a small set of operations, each idempotent ("already
+running", "already stopped" and "already gone" are success), each serialised per user inside the
+backend, none with a timeout of its own beyond what the platform needs (the caller owns
+timeouts).  Docker (`backend.docker`) and a local-process fake (`backend.fake`) implement it; a
+Kubernetes backend follows the same shape.  One conformance suite (tests/conformance) runs
+against every implementation.
+
+Failures are `BackendError`s: a user-safe text, a log text and a reason label.
+"""
+
+from __future__ import annotations
+
+import abc
+import socket
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Literal, Protocol
+
+from ..errors import GatewayError
+
+Progress = Callable[[str], None]
+ProcessKind = Literal["shell", "command", "sftp", "argv"]
+
+
+class BackendError(GatewayError):
+    """An environment or a process in it could not be provided."""
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Resource caps for one environment; None means unlimited."""
+
+    cpus: float | None = None
+    memory: int | None = None
+    pids: int | None = None
+    disk: int | None = None
+
+    @classmethod
+    def of(cls, settings: Any) -> Limits:
+        """The caps of anything carrying cpus/memory/pids/disk (a users.yaml `User`)."""
+        return cls(cpus=settings.cpus, memory=settings.memory, pids=settings.pids,
+                   disk=settings.disk)
+
+
+@dataclass
+class EnvState:
+    """What `inspect` reports about one user's environment."""
+
+    user: str
+    exists: bool
+    running: bool = False
+    container_id: str = ""
+    started_at: str = ""
+    ip: str = ""
+    status: str = "missing"
+    limits: Limits = field(default_factory=Limits)
+
+
+@dataclass
+class EnvStats:
+    """Usage figures for `dind-gateway ps` and metrics; None where the platform has none."""
+
+    uptime: float | None = None
+    cpu_percent: float | None = None
+    mem_bytes: int | None = None
+    mem_limit: int | None = None
+    pids: int | None = None
+    cache_bytes: int | None = None
+    disk: tuple[int, int] | None = None  # (used, quota) bytes
+
+    def as_row(self) -> dict[str, Any]:
+        return {k: v for k, v in self.__dict__.items() if v is not None}
+
+
+@dataclass(frozen=True)
+class ProcessSpec:
+    """What to run for one session, independent of the platform.
+
+    kind: ``shell`` (the user's login shell), ``command`` (run by her shell, like sshd's
+    ``shell -c``), ``sftp`` (the platform's sftp-server) or ``argv`` (exactly this argv, no
+    shell: housekeeping).  The process always runs as `user`, in `workdir` or her home.
+    """
+
+    user: str
+    kind: ProcessKind
+    command: str = ""
+    argv: tuple[str, ...] = ()
+    env: Mapping[str, str] = field(default_factory=dict)
+    tty: bool = False
+    size: tuple[int, int] = (80, 24)  # columns, rows
+    workdir: str | None = None
+    shell: str | None = None
+
+
+class Process(Protocol):
+    """A process started in an environment, with its byte streams.
+
+    State machine: *running* → *output ended* (`read()` returned ``(0, b"")``) → *exited*
+    (`wait()` returned its status).  `write`/`write_eof` are accepted until the process ends
+    and ignored after; `buffered` tells how much input waits to be delivered and `drain`
+    waits for it (flow control).  `resize` and `signal` are best effort: a process that just
+    ended is not an error.  `close` is allowed in any state and idempotent; it ends our side
+    (the process sees end of input / hang-up).  The exit status follows the shell convention:
+    128 + n for a process killed by signal n.
+    """
+
+    def write(self, data: bytes) -> None: ...
+
+    def write_eof(self) -> None: ...
+
+    def buffered(self) -> int: ...
+
+    async def drain(self) -> None: ...
+
+    async def read(self) -> tuple[int, bytes]:
+        """(1, data) from stdout, (2, data) from stderr, (0, b"") once output has ended."""
+        ...
+
+    async def resize(self, rows: int, cols: int) -> None: ...
+
+    async def signal(self, name: str) -> None:
+        """Deliver SIGname (e.g. "INT") to the process."""
+        ...
+
+    async def wait(self) -> int: ...
+
+    def close(self) -> None: ...
+
+
+class Backend(abc.ABC):
+    """What the gateway needs from a container platform."""
+
+    @abc.abstractmethod
+    async def ensure(self, user: str, limits: Limits,
+                     progress: Progress | None = None) -> EnvState:
+        """Make the user's environment exist, run and be ready; create/start only if needed.
+
+        `progress` gets short texts for the user while a start takes time."""
+
+    @abc.abstractmethod
+    async def stop(self, user: str, *, unless: Callable[[], bool] | None = None) -> bool:
+        """Stop the environment, keeping its data; missing or stopped is fine.
+
+        `unless` is checked once the user's lifecycle lock is held (e.g. "someone logged in
+        meanwhile"); if it says so nothing is stopped.  True when this call stopped it."""
+
+    @abc.abstractmethod
+    async def inspect(self, user: str) -> EnvState:
+        """Current state; `exists=False` when there is nothing."""
+
+    @abc.abstractmethod
+    async def start(self, spec: ProcessSpec) -> Process:
+        """Start a process in the user's running environment, as the user."""
+
+    @abc.abstractmethod
+    async def open_connection(self, user: str, port: int) -> socket.socket:
+        """A connected TCP socket to `port` in the user's environment (for `ssh -L`)."""
+
+    @abc.abstractmethod
+    def aliases(self, user: str) -> set[str]:
+        """Host names that mean "my own environment" in a forwarding request."""
+
+    def environment(self, user: str) -> dict[str, str]:
+        """Variables every session of the user gets (e.g. DOCKER_HOST for her daemon)."""
+        return {}
+
+    @abc.abstractmethod
+    async def list_environments(self) -> list[EnvState]:
+        """Every environment this gateway instance owns, running or not."""
+
+    @abc.abstractmethod
+    async def has_workloads(self, user: str) -> bool:
+        """Whether the environment is busy on its own (inner containers): culling keeps it."""
+
+    @abc.abstractmethod
+    async def update_limits(self, user: str, limits: Limits) -> None:
+        """Apply new caps to a running environment without restarting it."""
+
+    @abc.abstractmethod
+    async def purge(self, user: str) -> None:
+        """Delete the environment and all its data."""
+
+    @abc.abstractmethod
+    async def stats(self, user: str) -> EnvStats:
+        """Usage of one environment (empty figures when it is not running)."""
+
+    @abc.abstractmethod
+    async def health(self) -> str:
+        """A short "ok" text, or BackendError when the platform cannot serve."""
+
+    async def close(self) -> None:  # noqa: B027 - optional hook
+        """Release what the backend holds (connections, spare processes)."""
+
+    async def run(self, user: str, argv: list[str]) -> tuple[int, bytes]:
+        """Run a short housekeeping command *as the user* and collect its stdout.
+
+        Never as root: the environment is hers, and nothing the gateway runs there as root may
+        read anything she controls."""
+        proc = await self.start(ProcessSpec(user=user, kind="argv", argv=tuple(argv),
+                                            workdir="/"))
+        out = []
+        try:
+            while True:
+                stream, data = await proc.read()
+                if not stream:
+                    break
+                if stream == 1:
+                    out.append(data)
+        finally:
+            proc.close()
+        return await proc.wait(), b"".join(out)

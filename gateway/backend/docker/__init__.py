@@ -1,0 +1,27 @@
+"""Docker: one DinD container per user (see `backend` for the layout of this package)."""
+
+import logging
+from typing import Any
+
+from .backend import LABEL_INSTANCE, LABEL_MANAGED, LABEL_OWNER, DockerBackend
+from .engine import DockerClient, DockerError
+from .security import PROFILES, ROOT_EQUIVALENT, check_host
+
+log = logging.getLogger("dind_gateway")
+
+__all__ = ["LABEL_INSTANCE", "LABEL_MANAGED", "LABEL_OWNER", "PROFILES", "ROOT_EQUIVALENT",
+           "DockerBackend", "DockerClient", "DockerError", "from_config"]
+
+
+def from_config(config: Any, events: Any) -> DockerBackend:
+    """The Docker backend as gateway.yaml describes it; says at start what the profile means
+    and refuses one this host cannot run."""
+    profile = config.security_profile
+    if profile in ROOT_EQUIVALENT:
+        log.warning("security_profile %s: users are root-equivalent on the host: for trusted "
+                    "teams only (docs/security.md); the default 'rootless' is not", profile)
+    check_host(profile)
+    return DockerBackend(
+        DockerClient(config.docker_url()), image=config.image, prefix=config.prefix,
+        profile=profile, ready_timeout=config.ready_timeout, events=events,
+        network_pool=str(config.user_network_pool), disks_dir=config.state_dir / "disks")

@@ -1,0 +1,127 @@
+"""A session's process as a `docker exec`: the wrapper, resize, signals and the exit status.
+
+The engine has neither an initial console size nor a signal API for execs, so every session
+runs through a small shell wrapper that sets the terminal size, records its PID in a file
+(signals are then delivered by a second exec, as the user) and replaces itself with the
+user's shell, so that exit status and signals are the program's own.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import secrets
+import time
+from collections.abc import Awaitable, Callable
+
+from ..base import ProcessSpec
+from .engine import DockerClient, DockerError, ExecStream
+
+log = logging.getLogger("dind_gateway.backend")
+
+SFTP_SERVER = "/usr/libexec/sftp-server"
+PIDFILE_DIR = "/run/dgw-sessions"
+SIGNALS = {"ABRT", "ALRM", "FPE", "HUP", "ILL", "INT", "KILL", "PIPE", "QUIT", "SEGV", "TERM",
+           "USR1", "USR2"}
+
+# Runs inside the container before the user's program.
+WRAPPER = r"""
+[ -n "$DGW_ROWS" ] && stty rows "$DGW_ROWS" cols "$DGW_COLS" 2>/dev/null
+[ -n "$DGW_PIDFILE" ] && echo $$ > "$DGW_PIDFILE"
+sh_=${DGW_SHELL:-/bin/bash}
+[ -x "$sh_" ] || sh_=/bin/bash
+[ -x "$sh_" ] || sh_=/bin/sh
+unset DGW_ROWS DGW_COLS DGW_PIDFILE DGW_SHELL
+export SHELL="$sh_"
+cd "$HOME" 2>/dev/null
+[ $# -eq 0 ] && exec "$sh_" -l
+exec "$sh_" -c "$1"
+"""
+
+Runner = Callable[[str, list[str]], Awaitable[tuple[int, bytes]]]
+
+
+def exec_argv(spec: ProcessSpec) -> tuple[list[str], dict[str, str], str | None]:
+    """argv, environment and pidfile of the exec that runs `spec`."""
+    env = dict(spec.env)
+    if spec.kind == "argv":
+        return list(spec.argv), env, None
+    if spec.kind == "sftp":
+        return [SFTP_SERVER], env, None
+    pidfile = f"{PIDFILE_DIR}/{secrets.token_hex(8)}"
+    if spec.tty:
+        env["DGW_ROWS"], env["DGW_COLS"] = str(spec.size[1]), str(spec.size[0])
+    env["DGW_PIDFILE"] = pidfile
+    if spec.shell:
+        env["DGW_SHELL"] = spec.shell
+    argv = ["/bin/sh", "-c", WRAPPER, "dgw"]
+    if spec.kind == "command":
+        argv.append(spec.command)
+    return argv, env, pidfile
+
+
+class DockerProcess:
+    """`Process` over one exec's hijacked stream (see backend.base.Process)."""
+
+    def __init__(self, docker: DockerClient, exec_id: str, stream: ExecStream, *, user: str,
+                 pidfile: str | None, runner: Runner) -> None:
+        self._docker = docker
+        self.exec_id = exec_id
+        self.stream = stream
+        self._user = user
+        self._pidfile = pidfile
+        self._runner = runner
+        self.on_exit: Callable[[], object] | None = None
+        self._status: int | None = None
+
+    def write(self, data: bytes) -> None:
+        self.stream.write(data)
+
+    def write_eof(self) -> None:
+        self.stream.write_eof()
+
+    def buffered(self) -> int:
+        return self.stream.buffered()
+
+    async def drain(self) -> None:
+        await self.stream.drain()
+
+    async def read(self) -> tuple[int, bytes]:
+        return await self.stream.read()
+
+    def close(self) -> None:
+        self.stream.close()
+
+    async def resize(self, rows: int, cols: int) -> None:
+        try:
+            await self._docker.exec_resize(self.exec_id, rows, cols)
+        except DockerError as exc:  # the process may have just exited
+            log.debug("resize of exec %s failed: %s", self.exec_id[:12], exc)
+
+    async def signal(self, name: str) -> None:
+        """A second exec signals the recorded PID.  It runs as the user, so a PID she wrote
+        into the file can only ever name her own processes."""
+        if name not in SIGNALS or self._pidfile is None:
+            return
+        try:
+            await self._runner(self._user, ["sh", "-c",
+                                            f'kill -s {name} "$(cat {self._pidfile})"'])
+        except DockerError as exc:
+            log.debug("signal %s not delivered: %s", name, exc)
+
+    async def wait(self, poll: float = 0.02, timeout: float = 10.0) -> int:
+        """Exit code once the engine reports the process gone (after the stream ended)."""
+        if self._status is not None:
+            return self._status
+        deadline = time.monotonic() + timeout
+        while True:
+            info = await self._docker.exec_inspect(self.exec_id)
+            if not info.get("Running") and info.get("ExitCode") is not None:
+                if self.on_exit is not None:
+                    self.on_exit()
+                self._status = int(info["ExitCode"])
+                return self._status
+            if time.monotonic() > deadline:
+                return 255
+            await asyncio.sleep(poll)
+            poll = min(poll * 2, 0.2)

@@ -1,0 +1,329 @@
+"""A backend of local processes: the contract without containers, for fast tests and demos.
+
+Each user's "environment" is a directory with a home in it; processes run on this machine as
+the gateway's own user, with pipes or a real pty.  It isolates nothing, so the gateway refuses
+it unless gateway.yaml names it (`backend: fake`).  Variants make the hard cases cheap to test:
+`hold(user)` keeps the next start waiting until released (slow first contact), `fail(user,
+...)` makes starts fail as a crashing or never-ready environment would.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import fcntl
+import os
+import pty
+import shutil
+import signal as signals
+import socket
+import struct
+import termios
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ..observe.events import Events
+from .base import Backend, BackendError, EnvState, EnvStats, Limits, ProcessSpec, Progress
+
+SFTP_SERVERS = ("/usr/lib/openssh/sftp-server", "/usr/libexec/sftp-server",
+                "/usr/lib/sftp-server")
+_LOCAL_NAMES = {"localhost", "127.0.0.1", "::1", "ip6-localhost"}
+_READ = 256 * 1024
+
+
+@dataclass
+class _Env:
+    running: bool = False
+    started_at: float = 0.0
+    limits: Limits = field(default_factory=Limits)
+    processes: set[asyncio.subprocess.Process] = field(default_factory=set)
+
+
+class FakeProcess:
+    """`Process` over a local child: pipes, or a pty when a terminal was asked for."""
+
+    def __init__(self, proc: asyncio.subprocess.Process, master: int | None) -> None:
+        self._proc = proc
+        self._master = master
+        self._out: asyncio.Queue[tuple[int, bytes]] = asyncio.Queue()
+        self._open = 2 if master is None else 1
+        self._pty_writer: asyncio.StreamWriter | None = None
+        self._tasks = [asyncio.ensure_future(self._pump(1, proc.stdout))] if master is None \
+            else []
+        if master is None:
+            self._tasks.append(asyncio.ensure_future(self._pump(2, proc.stderr)))
+
+    @classmethod
+    async def open_pty(cls, proc: asyncio.subprocess.Process, master: int) -> FakeProcess:
+        self = cls(proc, master)
+        loop = asyncio.get_running_loop()
+        reader = asyncio.StreamReader()
+        await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader),
+                                     os.fdopen(os.dup(master), "rb", buffering=0))
+        transport, protocol = await loop.connect_write_pipe(
+            asyncio.streams.FlowControlMixin, os.fdopen(os.dup(master), "wb", buffering=0))
+        self._pty_writer = asyncio.StreamWriter(transport, protocol, None, loop)
+        self._tasks.append(asyncio.ensure_future(self._pump(1, reader)))
+        return self
+
+    async def _pump(self, stream: int, reader: asyncio.StreamReader | None) -> None:
+        try:
+            while reader is not None:
+                try:
+                    data = await reader.read(_READ)
+                except OSError:  # EIO: the pty's last user closed it
+                    data = b""
+                if not data:
+                    break
+                await self._out.put((stream, data))
+        finally:
+            await self._out.put((0, b""))
+
+    def _writer(self) -> asyncio.StreamWriter | None:
+        return self._pty_writer if self._master is not None else self._proc.stdin
+
+    def write(self, data: bytes) -> None:
+        w = self._writer()
+        if w is not None and not w.is_closing():
+            w.write(data)
+
+    def write_eof(self) -> None:
+        w = self._writer()
+        if self._master is None and w is not None and not w.is_closing() and w.can_write_eof():
+            w.write_eof()
+
+    def buffered(self) -> int:
+        w = self._writer()
+        return 0 if w is None or w.is_closing() else w.transport.get_write_buffer_size()
+
+    async def drain(self) -> None:
+        w = self._writer()
+        if w is not None and not w.is_closing():
+            await w.drain()
+
+    async def read(self) -> tuple[int, bytes]:
+        while self._open:
+            stream, data = await self._out.get()
+            if stream:
+                return stream, data
+            self._open -= 1
+        return 0, b""
+
+    async def resize(self, rows: int, cols: int) -> None:
+        if self._master is not None:
+            with contextlib.suppress(OSError):
+                fcntl.ioctl(self._master, termios.TIOCSWINSZ,
+                            struct.pack("HHHH", rows, cols, 0, 0))
+
+    async def signal(self, name: str) -> None:
+        sig = getattr(signals, f"SIG{name}", None)
+        if isinstance(sig, signals.Signals) and self._proc.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                self._proc.send_signal(sig)
+
+    async def wait(self) -> int:
+        code = await self._proc.wait()
+        return 128 - code if code < 0 else code
+
+    def close(self) -> None:
+        w = self._writer()
+        if w is not None:
+            w.close()
+        if self._master is not None:
+            with contextlib.suppress(OSError):
+                os.close(self._master)
+            self._master = -1
+        if self._proc.returncode is None:  # our side is gone: hang up, as sshd would
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self._proc.pid, signals.SIGHUP)
+
+
+class FakeBackend(Backend):
+    """Environments as directories under `root`; processes on this machine."""
+
+    def __init__(self, root: Path, *, events: Events | None = None) -> None:
+        self.root = Path(root)
+        self.events = events or Events()
+        self._envs: dict[str, _Env] = {}
+        self._locks: dict[str, asyncio.Lock] = {}
+        self._holds: dict[str, asyncio.Event] = {}
+        self._failures: dict[str, BackendError] = {}
+        self.workloads: set[str] = set()  # users whose environment is "busy on its own"
+
+    # --- test hooks -------------------------------------------------------------------------
+
+    def hold(self, user: str) -> asyncio.Event:
+        """Make the next start of `user` wait until the returned event is set."""
+        return self._holds.setdefault(user, asyncio.Event())
+
+    def fail(self, user: str, reason: str = "crashed", message: str = "") -> None:
+        """Make starts of `user` fail (reason crashed / timeout) until `fail(user, "")`."""
+        if not reason:
+            self._failures.pop(user, None)
+            return
+        text = message or ("Your environment stopped while starting." if reason == "crashed"
+                           else "Your environment did not become ready in time.")
+        self._failures[user] = BackendError(text, f"fake {user}: {reason}", reason)
+
+    def home(self, user: str) -> Path:
+        return self.root / user / "home"
+
+    # --- contract ---------------------------------------------------------------------------
+
+    def _lock(self, user: str) -> asyncio.Lock:
+        return self._locks.setdefault(user, asyncio.Lock())
+
+    async def ensure(self, user: str, limits: Limits,
+                     progress: Progress | None = None) -> EnvState:
+        async with self._lock(user):
+            env = self._envs.setdefault(user, _Env())
+            if env.running:
+                return self._state(user)
+            if progress:
+                progress("Starting your environment…")
+            t0 = time.monotonic()
+            hold = self._holds.pop(user, None)
+            if hold is not None:
+                await hold.wait()
+            failure = self._failures.get(user)
+            if failure is not None:
+                raise failure
+            self.home(user).mkdir(parents=True, exist_ok=True)
+            env.running, env.started_at, env.limits = True, time.time(), limits
+            elapsed = time.monotonic() - t0
+            self.events.emit("container.start", user=user, container=f"fake-{user}",
+                             duration=round(elapsed, 3), adopted=False)
+            if progress:
+                progress(f" ready in {elapsed:.1f} s\n")
+            return self._state(user)
+
+    async def stop(self, user: str, *, unless: Callable[[], bool] | None = None) -> bool:
+        async with self._lock(user):
+            if unless is not None and unless():
+                return False
+            env = self._envs.get(user)
+            if env is None or not env.running:
+                return False
+            env.running = False
+            for proc in list(env.processes):
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(proc.pid, signals.SIGKILL)
+        self.events.emit("container.stop", user=user, container=f"fake-{user}")
+        return True
+
+    async def inspect(self, user: str) -> EnvState:
+        return self._state(user)
+
+    def _state(self, user: str) -> EnvState:
+        env = self._envs.get(user)
+        if env is None:
+            return EnvState(user=user, exists=False)
+        return EnvState(user=user, exists=True, running=env.running, container_id=f"fake-{user}",
+                        started_at=str(env.started_at), ip="127.0.0.1",
+                        status="running" if env.running else "exited", limits=env.limits)
+
+    def _argv(self, spec: ProcessSpec) -> list[str]:
+        shell = spec.shell if spec.shell and os.access(spec.shell, os.X_OK) else "/bin/sh"
+        if spec.kind == "argv":
+            return list(spec.argv)
+        if spec.kind == "sftp":
+            found = next((p for p in SFTP_SERVERS if os.access(p, os.X_OK)), None)
+            if found is None:
+                raise BackendError("sftp is not available here", "no sftp-server found",
+                                   "no-sftp")
+            return [found]
+        if spec.kind == "command":
+            return [shell, "-c", spec.command]
+        return [shell, "-l"]
+
+    async def start(self, spec: ProcessSpec) -> FakeProcess:
+        env = self._envs.get(spec.user)
+        if env is None or not env.running:
+            raise BackendError("your environment is not running", f"fake {spec.user}: stopped",
+                               "not-running")
+        home = self.home(spec.user)
+        variables = {"PATH": "/usr/local/bin:/usr/bin:/bin", **spec.env, "HOME": str(home)}
+        if spec.kind == "shell":
+            variables["SHELL"] = self._argv(spec)[0]
+        cwd = home if spec.workdir in (None, f"/home/{spec.user}") else Path(spec.workdir)
+        argv = self._argv(spec)
+        if not spec.tty:
+            proc = await asyncio.create_subprocess_exec(
+                *argv, stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
+                stderr=asyncio.subprocess.PIPE, cwd=cwd, env=variables,
+                start_new_session=True)
+            self._track(env, proc)
+            return FakeProcess(proc, None)
+        master, slave = pty.openpty()
+        fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", spec.size[1], spec.size[0],
+                                                           0, 0))
+
+        def controlling_tty() -> None:  # runs in the child, after setsid()
+            fcntl.ioctl(0, termios.TIOCSCTTY, 0)
+
+        try:
+            proc = await asyncio.create_subprocess_exec(
+                *argv, stdin=slave, stdout=slave, stderr=slave, cwd=cwd, env=variables,
+                start_new_session=True, preexec_fn=controlling_tty)
+        finally:
+            os.close(slave)
+        self._track(env, proc)
+        return await FakeProcess.open_pty(proc, master)
+
+    @staticmethod
+    def _track(env: _Env, proc: asyncio.subprocess.Process) -> None:
+        env.processes.add(proc)
+        asyncio.ensure_future(proc.wait()).add_done_callback(
+            lambda _: env.processes.discard(proc))
+
+    async def open_connection(self, user: str, port: int) -> socket.socket:
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock.setblocking(False)
+        try:
+            await asyncio.get_running_loop().sock_connect(sock, ("127.0.0.1", port))
+        except OSError as exc:
+            sock.close()
+            raise BackendError(f"connection to port {port} failed: {exc.strerror or exc}",
+                               f"fake {user}: connect 127.0.0.1:{port}: {exc}",
+                               "connect-failed") from exc
+        return sock
+
+    def aliases(self, user: str) -> set[str]:
+        return _LOCAL_NAMES | {f"{user}-devbox", "devbox"}
+
+    def environment(self, user: str) -> dict[str, str]:
+        return {"DGW_BACKEND": "fake"}
+
+    async def list_environments(self) -> list[EnvState]:
+        return [self._state(u) for u in self._envs]
+
+    async def has_workloads(self, user: str) -> bool:
+        return user in self.workloads
+
+    async def update_limits(self, user: str, limits: Limits) -> None:
+        env = self._envs.get(user)
+        if env is not None:
+            env.limits = limits
+
+    async def purge(self, user: str) -> None:
+        await self.stop(user)
+        async with self._lock(user):
+            self._envs.pop(user, None)
+            shutil.rmtree(self.root / user, ignore_errors=True)
+        self.events.emit("container.purge", user=user)
+
+    async def stats(self, user: str) -> EnvStats:
+        env = self._envs.get(user)
+        if env is None or not env.running:
+            return EnvStats()
+        return EnvStats(uptime=time.time() - env.started_at, pids=len(env.processes),
+                        mem_limit=env.limits.memory)
+
+    async def health(self) -> str:
+        return "ok (fake backend)"
+
+    async def close(self) -> None:
+        for user in list(self._envs):
+            await self.stop(user)

@@ -1,0 +1,1 @@
+"""Long-running services beside the SSH server: culler, users reloader, admin socket."""

@@ -1,0 +1,1 @@
+"""The SSH side: listener connections, the session data path, forwarding, admission."""

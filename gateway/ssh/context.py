@@ -1,0 +1,57 @@
+"""What the SSH layer is given to work with: the parts it uses, never the whole application."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import asyncssh
+
+from ..auth import AuthorizedKey
+from ..backend import Backend, EnvState, Limits
+from ..backend.base import Progress
+from ..config import GatewayConfig, User, UsersConfig
+from ..observe.events import Events
+from ..services.registry import Registry
+from .guard import Guard
+from .program import Principal
+
+
+@dataclass
+class SSHContext:
+    """Shared by every connection of one listener."""
+
+    config: GatewayConfig
+    backend: Backend
+    events: Events
+    guard: Guard
+    registry: Registry
+    users: Callable[[], UsersConfig]  # the current users file (replaced on reload)
+
+    async def ensure(self, user: User, progress: Progress | None = None) -> EnvState:
+        """The user's environment, started with her current limits if need be."""
+        return await self.backend.ensure(user.name, Limits.of(user), progress)
+
+
+class ConnectionInfo(Protocol):
+    """What sessions and forwarding need of their connection (ssh.server.Connection)."""
+
+    id: int
+    tag: str
+    user: User
+    key: AuthorizedKey | None
+    ctx: SSHContext
+    conn: asyncssh.SSHServerConnection | None
+
+    @property
+    def principal(self) -> Principal: ...
+
+    @property
+    def ssh_connection(self) -> str: ...
+
+    def key_allows(self, what: str) -> bool: ...
+
+    def forced_command(self) -> str | None: ...
+
+    def session_closed(self, session: Any) -> None: ...

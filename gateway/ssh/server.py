@@ -1,0 +1,232 @@
+"""The SSH server side: host keys, and one `Connection` per client (guard, auth, channels).
+
+A connection holds its principal (user + key) and the `SSHContext` it was given; sessions and
+forwards are opened from here.  Nothing in this package knows which backend runs behind it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import os
+from pathlib import Path
+
+import asyncssh
+
+from ..auth import AuthorizedKey, match_key, verify_password
+from ..config import User
+from . import forwarding
+from .context import SSHContext
+from .program import Principal
+from .session import GatewaySession
+
+log = logging.getLogger("dind_gateway")
+
+HOST_KEY_TYPES = (("ssh-ed25519", "ssh_host_ed25519_key", {}),
+                  ("ssh-rsa", "ssh_host_rsa_key", {"key_size": 3072}))
+_conn_ids = itertools.count(1)
+
+
+def load_host_keys(state_dir: Path) -> list[asyncssh.SSHKey]:
+    """Host keys from the state directory, generated on first start with mode 0600."""
+    state_dir.mkdir(parents=True, exist_ok=True)
+    keys = []
+    for alg, name, kw in HOST_KEY_TYPES:
+        path = state_dir / name
+        if not path.exists():
+            key = asyncssh.generate_private_key(alg, **kw)
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(fd, "wb") as fh:
+                fh.write(key.export_private_key())
+            log.info("generated host key %s", path)
+        keys.append(asyncssh.read_private_key(path))
+    return keys
+
+
+def host_keypairs(keys: list[asyncssh.SSHKey],
+                  algs: tuple[str, ...]) -> list[asyncssh.SSHKeyPair]:
+    """Key pairs that sign only with the configured host-key algorithms, in that order.
+
+    asyncssh offers every signature a key can make (``ssh-rsa`` with SHA-1 too); it has no
+    server-side HostKeyAlgorithms, so each pair's list is narrowed here.  Keys left with no
+    algorithm are not offered at all.
+    """
+    wanted = [a.encode() for a in algs]
+    pairs = []
+    for pair in asyncssh.load_keypairs(keys):
+        allowed = [a for a in wanted if a in pair.host_key_algorithms]
+        if allowed:
+            pair.host_key_algorithms = allowed
+            pairs.append(pair)
+    if not pairs:
+        raise ValueError(f"no host key can sign with host_key_algorithms {', '.join(algs)}")
+    return pairs
+
+
+class Connection(asyncssh.SSHServer):
+    """One client connection: authenticates a user and opens their sessions."""
+
+    def __init__(self, ctx: SSHContext) -> None:
+        self.ctx = ctx
+        self.id = next(_conn_ids)
+        self.tag = f"conn={self.id}"
+        self.peer = ""
+        self.peer_port = 0
+        self.username = ""
+        self.user: User = None  # type: ignore[assignment]  # set by auth before any session
+        self.key: AuthorizedKey | None = None
+        self.conn: asyncssh.SSHServerConnection | None = None
+        self.refused = False  # closed by the guard before the handshake
+        self.authenticated = False
+        self.sessions: set[GatewaySession] = set()
+
+    # --- connection -----------------------------------------------------------------
+
+    def connection_made(self, conn: asyncssh.SSHServerConnection) -> None:
+        self.conn = conn
+        peer = conn.get_extra_info("peername") or ("", 0)
+        self.peer, self.peer_port = peer[0], peer[1]
+        if self.ctx.guard.admit(self.id, self.peer, conn) is not None:
+            self.refused = True
+            conn.abort()
+            return
+        self.ctx.registry.add(self)
+        self.ctx.events.emit("connection.open", conn=self.id, peer=self.peer)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.ctx.guard.closed(self.id)
+        if self.refused:
+            return
+        self.ctx.registry.discard(self)
+        if self.authenticated:
+            self.ctx.registry.activity.connection_closed(self.user.name)
+        self.ctx.events.emit("connection.close", conn=self.id, peer=self.peer,
+                                 user=self.user.name if self.user else None)
+
+    @property
+    def principal(self) -> Principal:
+        return Principal(self.user, self.key)
+
+    @property
+    def ssh_connection(self) -> str:
+        local = self.conn.get_extra_info("sockname") if self.conn else ("", 0)
+        return f"{self.peer} {self.peer_port} {local[0]} {local[1]}"
+
+    # --- authentication ---------------------------------------------------------------
+
+    def begin_auth(self, username: str) -> bool:
+        if not self.username and self.ctx.config.banner and self.conn is not None:
+            self.conn.send_auth_banner(self.ctx.config.banner.rstrip("\n") + "\n")
+        self.username = username
+        return True
+
+    def public_key_auth_supported(self) -> bool:
+        return True
+
+    def validate_public_key(self, username: str, key: asyncssh.SSHKey) -> bool:
+        """Match the offered key against the user's current keys and their restrictions.
+
+        Unknown users, disabled users and wrong keys all give the same answer on the wire.
+        """
+        user = self.ctx.users().user(username)
+        if user is None:
+            reason = "unknown user"
+        elif user.disabled:
+            reason = "disabled user"
+        else:
+            entry, reason = match_key(user.keys, key, self.peer)
+            if entry is not None:
+                self.user, self.key = user, entry
+                return True
+        return self._auth_failed(username, "publickey", reason, key.get_fingerprint())
+
+    def password_auth_supported(self) -> bool:
+        """Offered only when some user has a password hash configured."""
+        return self.ctx.users().has_passwords
+
+    async def validate_password(self, username: str, password: str) -> bool:
+        user = self.ctx.users().user(username)
+        reason = "unknown user"
+        if user is not None:
+            reason = "disabled user" if user.disabled else "no password set"
+            if not user.disabled and user.password:
+                # bcrypt/argon2 are slow on purpose: keep them off the event loop.
+                if await asyncio.to_thread(verify_password, password, user.password):
+                    self.user, self.key = user, None
+                    return True
+                reason = "wrong password"
+        return self._auth_failed(username, "password", reason)
+
+    def _auth_failed(self, username: str, method: str, reason: str,
+                     fingerprint: str | None = None) -> bool:
+        """Log, audit and count one failed attempt; always False (the answer to the client)."""
+        what = f"key={fingerprint}" if fingerprint else f"method={method}"
+        log.warning("[%s] auth failed: user=%s peer=%s %s reason=%s", self.tag, username,
+                    self.peer, what, reason)
+        self.ctx.events.emit("auth.failure", conn=self.id, peer=self.peer, user=username,
+                                 method=method, key=fingerprint, reason=reason)
+        self.ctx.guard.auth_failed(self.id)
+        return False
+
+    def auth_completed(self) -> None:
+        self.ctx.guard.auth_succeeded(self.id)
+        self.authenticated = True
+        self.ctx.registry.activity.connection_opened(self.user.name)
+        fingerprint = self.key.fingerprint if self.key else None
+        log.info("[%s] auth ok: user=%s peer=%s key=%s", self.tag, self.user.name, self.peer,
+                 fingerprint or "-")
+        self.ctx.events.emit("auth.success", conn=self.id, peer=self.peer,
+                                 user=self.user.name, method="publickey" if self.key else
+                                 "password", key=fingerprint)
+
+    # --- key options we enforce ourselves (asyncssh skips them for validated keys) ----
+
+    def key_allows(self, what: str) -> bool:
+        if self.key is None:
+            return True
+        if what == "pty":
+            return self.key.allows_pty
+        if what == "port-forwarding":
+            return self.key.allows_port_forwarding
+        return False
+
+    def forced_command(self) -> str | None:
+        return self.key.forced_command if self.key else None
+
+    def notify_and_close(self, message: str) -> None:
+        """One line to every open session's stderr, then a disconnect carrying it too."""
+        for session in list(self.sessions):
+            session.notify(message)
+        if self.conn is not None:
+            self.conn.disconnect(asyncssh.DISC_BY_APPLICATION, message)
+
+    # --- channels -----------------------------------------------------------------------
+
+    def session_requested(self) -> GatewaySession:
+        """A new session channel; its slot under `max_sessions` is taken here, at once, so a
+        burst of channel opens cannot overshoot the cap."""
+        activity = self.ctx.registry.activity
+        limit = self.user.effective_max_sessions(self.ctx.config)
+        if activity.sessions[self.user.name] >= limit:
+            log.warning("[%s] session refused for %s: max_sessions %d reached", self.tag,
+                        self.user.name, limit)
+            raise asyncssh.ChannelOpenError(
+                asyncssh.OPEN_ADMINISTRATIVELY_PROHIBITED,
+                f"too many open sessions for {self.user.name} (max_sessions is {limit})")
+        session = GatewaySession(self)
+        self.sessions.add(session)
+        activity.session_opened(self.user.name)
+        return session
+
+    def session_closed(self, session: GatewaySession) -> None:
+        if session in self.sessions:
+            self.sessions.discard(session)
+            self.ctx.registry.activity.session_closed(self.user.name)
+
+    def connection_requested(self, dest_host: str, dest_port: int, orig_host: str,
+                             orig_port: int) -> object:
+        return forwarding.direct_tcpip(self, dest_host, dest_port)
+
+    def server_requested(self, listen_host: str, listen_port: int) -> bool:
+        return False  # remote forwarding (-R) is not offered

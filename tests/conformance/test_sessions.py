@@ -1,0 +1,224 @@
+"""The backend contract seen from an SSH client: one suite, every backend.
+
+Shell, exec, exit codes, stdout/stderr, stdin EOF, environment, pty + resize, signals, sftp and
+scp, `ssh -L`, first-contact flow control, max_sessions.  Docker-only behaviour (isolation,
+networks, cgroups, spares, quotas) is tested in tests/test_*.py.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import os
+import socket
+import subprocess
+import threading
+import time
+
+import asyncssh
+import pexpect
+import pytest
+
+from ..conftest import free_port, wait_for
+from .conftest import InProcessGateway
+
+
+def test_exec_output_and_exit_status(live: InProcessGateway) -> None:
+    first = live.ssh("alice", "true")  # first contact: the start's progress line on stderr
+    assert first.returncode == 0 and b"ready in" in first.stderr, first.stderr
+    r = live.ssh("alice", "echo out; echo err >&2; exit 3")
+    assert (r.returncode, r.stdout, r.stderr) == (3, b"out\n", b"err\n"), r.stderr
+
+
+def test_stdin_to_eof_arrives_whole(live: InProcessGateway) -> None:
+    data = os.urandom(3 * 2**20)
+    r = live.ssh("alice", "sha256sum", input=data)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.split()[0].decode() == hashlib.sha256(data).hexdigest()
+
+
+def test_session_environment(live: InProcessGateway) -> None:
+    r = live.ssh("alice", 'echo "$USER|$LOGNAME|$SSH_CONNECTION|${LANG-unset}|${FOO-unset}"',
+                 opts=("-o", "SendEnv=LANG FOO"))
+    user, logname, conn, lang, foo = r.stdout.decode().strip().split("|")
+    assert (user, logname, foo) == ("alice", "alice", "unset"), r.stdout
+    assert conn.split()[0] == "127.0.0.1" and conn.split()[3] == str(live.port)
+    assert lang == os.environ.get("LANG", "unset")
+
+
+def test_pty_shell_and_resize(live: InProcessGateway) -> None:
+    child = pexpect.spawn(" ".join(live.ssh_args("alice", None, "-tt")), timeout=60,
+                          dimensions=(30, 100))
+    try:
+        child.sendline("stty size; tty")
+        child.expect(r"30 100\r\n/dev/pts/\d+")
+        child.setwinsize(40, 120)
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            child.sendline("stty size")
+            if child.expect([r"40 120", pexpect.TIMEOUT], timeout=2) == 0:
+                break
+        else:
+            pytest.fail("resize never reached the process")
+        child.sendline("exit 5")
+        child.expect(pexpect.EOF)
+    finally:
+        child.close()
+    assert child.exitstatus == 5
+
+
+def test_signal_reaches_the_process(live: InProcessGateway) -> None:
+    async def run() -> tuple[str, int | None]:
+        async with asyncssh.connect(
+                "127.0.0.1", live.port, username="alice", client_keys=[str(live.keys["alice"])],
+                known_hosts=None) as conn:
+            proc = await conn.create_process(
+                "trap 'echo got-TERM; exit 7' TERM; echo ready; "
+                "while :; do sleep 0.1; done")
+            assert (await proc.stdout.readline()).strip() == "ready"
+            proc.send_signal("TERM")
+            out = await asyncio.wait_for(proc.stdout.read(), 30)
+            await proc.wait_closed()
+            return out, proc.exit_status
+
+    out, status = asyncio.run(run())
+    assert "got-TERM" in out and status == 7, (out, status)
+
+
+def test_sftp_and_scp_round_trip(live: InProcessGateway, tmp_path) -> None:
+    src = tmp_path / "up.bin"
+    src.write_bytes(os.urandom(5 * 2**20 + 17))
+    base = [a for a in live.ssh_args("alice")[1:-1]]  # options without "ssh" and the host
+    port_opts = ["-P" if a == "-p" else a for a in base]
+    batch = tmp_path / "batch"
+    batch.write_text(f"put {src} conf-sftp.bin\nget conf-sftp.bin {tmp_path / 'down.bin'}\n")
+    r = subprocess.run(["sftp", *port_opts, "-b", str(batch), "alice@127.0.0.1"],
+                       capture_output=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert (tmp_path / "down.bin").read_bytes() == src.read_bytes()
+    r = subprocess.run(["scp", *port_opts, str(src), "alice@127.0.0.1:conf-scp.bin"],
+                       capture_output=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    r = subprocess.run(["scp", *port_opts, "alice@127.0.0.1:conf-scp.bin",
+                        str(tmp_path / "scp-down.bin")], capture_output=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert (tmp_path / "scp-down.bin").read_bytes() == src.read_bytes()
+    r = subprocess.run(["sftp", *port_opts, "-b", "-", "alice@127.0.0.1"],
+                       input=b"get /nonexistent/file x\n", capture_output=True, timeout=60)
+    assert r.returncode != 0 and b"not found" in r.stderr.lower(), r.stderr
+
+
+ECHO_SERVER = (
+    "import socket,sys\n"
+    "s=socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)\n"
+    "s.bind(('0.0.0.0', int(sys.argv[1]))); s.listen(4); print('listening', flush=True)\n"
+    "c,_=s.accept(); c.sendall(c.recv(100).upper()); c.close()\n")
+
+
+def test_local_forward_reaches_own_environment_only(live: InProcessGateway) -> None:
+    port = free_port()
+    server = subprocess.Popen(live.ssh_args("alice") + [f"python3 -c \"{ECHO_SERVER}\" {port}"],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        assert server.stdout is not None
+        assert server.stdout.readline().strip() == b"listening"
+        local = free_port()
+        tunnel = subprocess.Popen(
+            live.ssh_args("alice", None, "-N", "-L", f"127.0.0.1:{local}:localhost:{port}",
+                          "-o", "ExitOnForwardFailure=yes"), stderr=subprocess.PIPE)
+        try:
+            def answer() -> bytes | None:
+                try:
+                    with socket.create_connection(("127.0.0.1", local), timeout=5) as s:
+                        s.sendall(b"ping")
+                        return s.recv(100) or None
+                except OSError:
+                    return None
+            got: list[bytes | None] = []
+            assert wait_for(lambda: got.append(answer()) or got[-1] is not None, 60), got
+            assert got[-1] == b"PING"
+        finally:
+            tunnel.terminate()
+            tunnel.wait(10)
+    finally:
+        server.kill()
+        server.wait(10)
+
+    async def elsewhere() -> str:
+        async with asyncssh.connect(
+                "127.0.0.1", live.port, username="alice", client_keys=[str(live.keys["alice"])],
+                known_hosts=None) as conn:
+            with pytest.raises(asyncssh.ChannelOpenError) as info:
+                await conn.open_connection("10.9.9.9", 80)
+            return info.value.reason
+
+    assert "is not allowed" in asyncio.run(elsewhere())
+
+
+def test_first_contact_input_waits_in_the_ssh_window(live: InProcessGateway) -> None:
+    """While her environment starts, an upload is held by the SSH window (not queued in the
+    gateway without bound), and arrives whole once it is ready."""
+    if live.kind != "fake":
+        pytest.skip("a start that waits on the test is a fake-backend hook; Docker's slow "
+                    "first contact is tested in tests/test_transfer.py")
+    backend = live.app.backend
+    live.call(lambda: backend.stop("carol"))
+    gate = backend.hold("carol")
+    size = 64 * 2**20
+    proc = subprocess.Popen(live.ssh_args("carol") + ["cat > first.bin; wc -c < first.bin"],
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE)
+    sent = [0]
+
+    def feed() -> None:
+        chunk = b"x" * 2**16
+        try:
+            while sent[0] < size:
+                proc.stdin.write(chunk)
+                sent[0] += len(chunk)
+            proc.stdin.close()
+        except (BrokenPipeError, ValueError):
+            pass
+
+    writer = threading.Thread(target=feed, daemon=True)
+    writer.start()
+    # the client stops being able to write once windows and socket buffers are full
+    assert wait_for(lambda: len(set(_samples(sent, 5, 0.2))) == 1, 30)
+    held = sent[0]
+    assert held < 24 * 2**20, f"{held} bytes accepted while the environment was starting"
+    live.soon(gate.set)
+    writer.join(120)  # the rest flows once the process exists; then the feeder closes stdin
+    assert not writer.is_alive() and sent[0] == size
+    out, err = proc.stdout.read(), proc.stderr.read()  # small: the count and one line
+    assert proc.wait(120) == 0, err
+    assert int(out) == size
+
+
+def _samples(counter: list[int], n: int, interval: float) -> list[int]:
+    out = []
+    for _ in range(n):
+        out.append(counter[0])
+        time.sleep(interval)
+    return out
+
+
+def test_max_sessions_holds_under_a_burst(live: InProcessGateway, tmp_path) -> None:
+    """Fifteen channels opened at once over one connection: no more than max_sessions run."""
+    limit = 10
+
+    async def burst() -> tuple[int, int]:
+        async with asyncssh.connect(
+                "127.0.0.1", live.port, username="dave", client_keys=[str(live.keys["dave"])],
+                known_hosts=None) as conn:
+            async def one() -> bool:
+                try:
+                    proc = await conn.create_process("echo up; read line")
+                except asyncssh.ChannelOpenError:
+                    return False
+                await proc.stdout.readline()
+                return True
+            results = await asyncio.gather(*(one() for _ in range(15)))
+            return sum(results), len(results) - sum(results)
+
+    ran, refused = asyncio.run(burst())
+    assert ran == limit and refused == 5, (ran, refused)
