@@ -23,7 +23,9 @@ Sink = Callable[[Event], None]
 #   auth.success / auth.failure            [conn, peer, user, method] key, reason
 #   session.start / session.end            [conn, user, type] command, exit_status, bytes_in,
 #                                          bytes_out, duration
-#   forward.open / forward.refused         [conn, user, host, port] reason
+#   session.refused                        [conn, user, reason] (max_sessions)
+#   forward.open / forward.refused         [conn, user, host, port] reason, direction (remote
+#                                          for a refused -R)
 #   container.create / container.start / container.stop / container.cull
 #                                          [user] duration, container
 #   config.reload                          [accepted] error, users

@@ -16,8 +16,9 @@ from ..auth import AuthorizedKey
 from ..backend import ProcessSpec
 from ..config import User
 
-# Client variables let through, as OpenSSH's default AcceptEnv on Debian does.
-ENV_ALLOWED = re.compile(r"LANG|LC_[A-Z_]+|TERM|COLORTERM")  # fullmatch: no "LANG\n"
+# Client variables let through: OpenSSH's default AcceptEnv on Debian, plus GIT_PROTOCOL (as
+# sshd's default config since 8.x, so git over ssh speaks protocol v2).
+ENV_ALLOWED = re.compile(r"LANG|LC_[A-Z_]+|TERM|COLORTERM|GIT_PROTOCOL")  # fullmatch: no "LANG\n"
 
 
 @dataclass(frozen=True)

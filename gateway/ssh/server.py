@@ -211,6 +211,8 @@ class Connection(asyncssh.SSHServer):
         if activity.sessions[self.user.name] >= limit:
             log.warning("[%s] session refused for %s: max_sessions %d reached", self.tag,
                         self.user.name, limit)
+            self.ctx.events.emit("session.refused", conn=self.id, user=self.user.name,
+                                 reason=f"max_sessions {limit} reached")
             raise asyncssh.ChannelOpenError(
                 asyncssh.OPEN_ADMINISTRATIVELY_PROHIBITED,
                 f"too many open sessions for {self.user.name} (max_sessions is {limit})")
@@ -229,4 +231,10 @@ class Connection(asyncssh.SSHServer):
         return forwarding.direct_tcpip(self, dest_host, dest_port)
 
     def server_requested(self, listen_host: str, listen_port: int) -> bool:
-        return False  # remote forwarding (-R) is not offered
+        """Remote forwarding (-R) is not offered (yet); the refusal is audited."""
+        log.warning("[%s] remote forward refused: user=%s %s:%s", self.tag, self.user.name,
+                    listen_host, listen_port)
+        self.ctx.events.emit("forward.refused", conn=self.id, user=self.user.name,
+                             host=listen_host, port=listen_port, direction="remote",
+                             reason="remote forwarding is not offered")
+        return False

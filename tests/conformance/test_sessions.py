@@ -222,3 +222,40 @@ def test_max_sessions_holds_under_a_burst(live: InProcessGateway, tmp_path) -> N
 
     ran, refused = asyncio.run(burst())
     assert ran == limit and refused == 5, (ran, refused)
+    import json
+    audit = live.dir / "state" / "audit.log"
+    events = [e for e in map(json.loads, audit.read_text().splitlines())
+              if e["event"] == "session.refused" and e["user"] == "dave"]
+    assert len(events) == 5 and events[0]["reason"] == "max_sessions 10 reached", events
+
+
+def test_git_protocol_is_accepted(live: InProcessGateway) -> None:
+    """git sets GIT_PROTOCOL=version=2 over ssh; without it git falls back to protocol v0."""
+    r = live.ssh("alice", 'echo "${GIT_PROTOCOL-unset}|${GIT_DIR-unset}"',
+                 opts=("-o", "SetEnv=GIT_PROTOCOL=version=2 GIT_DIR=/etc"))
+    assert r.stdout == b"version=2|unset\n", (r.stdout, r.stderr)
+
+
+def test_refusals_are_audited(live: InProcessGateway) -> None:
+    """A refused -R and a refused forward leave an audit event each, with the reason."""
+    audit = live.dir / "state" / "audit.log"
+    r = live.ssh("bob", "true", opts=("-o", "ExitOnForwardFailure=yes", "-R", "9999:localhost:22"))
+    assert r.returncode != 0, r.stderr
+
+    async def elsewhere() -> None:
+        async with asyncssh.connect(
+                "127.0.0.1", live.port, username="bob", client_keys=[str(live.keys["bob"])],
+                known_hosts=None) as conn:
+            with pytest.raises(asyncssh.ChannelOpenError):
+                await conn.open_connection("10.9.9.9", 81)
+
+    asyncio.run(elsewhere())
+
+    def refused() -> list[dict]:
+        import json
+        return [e for e in map(json.loads, audit.read_text().splitlines())
+                if e["event"] == "forward.refused" and e.get("user") == "bob"]
+
+    assert wait_for(lambda: len(refused()) >= 2, 10), refused()
+    kinds = {(e.get("direction", "local"), e["port"]) for e in refused()}
+    assert {("remote", 9999), ("local", 81)} <= kinds
