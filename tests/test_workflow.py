@@ -192,3 +192,52 @@ def test_sigterm_notifies_sessions_and_keeps_containers(
     assert container_status(docker_client, gw.container_name("bob")) == "running"
     with contextlib.suppress(Exception):
         held.kill()
+
+
+def test_loopback_forward_is_her_own_loopback(gateway: GatewayProc,
+                                              docker_client: docker.DockerClient) -> None:
+    """-L localhost:P reaches 127.0.0.1:P inside *her* container: not the host's loopback, not
+    bob's; her container's own address is accepted like its names."""
+    import http.server
+
+    port = free_port()
+    host_server = http.server.HTTPServer(("127.0.0.1", port), http.server.SimpleHTTPRequestHandler)
+    threading.Thread(target=host_server.serve_forever, daemon=True).start()
+    bob = subprocess.Popen(
+        gateway.ssh_args("bob") + [f"mkdir -p w && echo bob-secret > w/index.html && exec "
+                                   f"python3 -u -m http.server --bind 127.0.0.1 -d w {port}"],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        assert wait_for(lambda: b"Serving" in (bob.stdout.readline() or b"Serving"), 30)
+        assert bob.poll() is None
+        err = forward_attempt(gateway, "alice", f"localhost:{port}")
+        assert b"open failed" in err and b"Connection refused" in err, err
+        assert gateway.ssh("alice", "true").returncode == 0
+        c = docker_client.containers.get(gateway.container_name("alice"))
+        ip = next(iter(c.attrs["NetworkSettings"]["Networks"].values()))["IPAddress"]
+        srv = subprocess.Popen(
+            gateway.ssh_args("alice") + [f"mkdir -p w && echo alice-page > w/index.html && "
+                                         f"exec python3 -u -m http.server -d w {port}"],
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        try:
+            assert wait_for(lambda: b"Serving" in (srv.stdout.readline() or b"Serving"), 30)
+            local = free_port()
+            tunnel = subprocess.Popen(gateway.ssh_args("alice", None, "-N", "-L",
+                                                       f"127.0.0.1:{local}:{ip}:{port}"),
+                                      stdin=subprocess.DEVNULL, stderr=subprocess.PIPE)
+            try:
+                def page() -> bytes:
+                    return subprocess.run(["curl", "-s", "--max-time", "3",
+                                           f"http://127.0.0.1:{local}/"],
+                                          capture_output=True).stdout
+                assert wait_for(lambda: page() == b"alice-page\n", 30), page()
+            finally:
+                tunnel.terminate()
+                tunnel.wait(10)
+        finally:
+            srv.kill()
+            srv.wait(10)
+    finally:
+        bob.kill()
+        bob.wait(10)
+        host_server.shutdown()

@@ -285,7 +285,7 @@ class FakeBackend(Backend):
             await asyncio.get_running_loop().sock_connect(sock, ("127.0.0.1", port))
         except OSError as exc:
             sock.close()
-            raise BackendError(f"connection to port {port} failed: {exc.strerror or exc}",
+            raise BackendError(f"connection to port {port} failed: {_reason(exc)}",
                                f"fake {user}: connect 127.0.0.1:{port}: {exc}",
                                "connect-failed") from exc
         return sock
@@ -327,3 +327,8 @@ class FakeBackend(Backend):
     async def close(self) -> None:
         for user in list(self._envs):
             await self.stop(user)
+
+
+def _reason(exc: OSError) -> str:
+    """"Connection refused", not asyncio's "Connect call failed (...)"."""
+    return os.strerror(exc.errno) if exc.errno else str(exc)

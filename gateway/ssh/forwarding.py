@@ -11,6 +11,7 @@ be allowed by the admin (`allow_forward_to` in gateway.yaml) and by the key's ow
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import logging
 
 import asyncssh
@@ -29,11 +30,19 @@ def _permitted_by_key(conn: ConnectionInfo, host: str, port: int) -> bool:
     return any(h in ("*", host) and p in (None, port) for h, p in allowed)
 
 
+def _is_address(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
+
+
 def _refuse(conn: ConnectionInfo, host: str, port: int, reason: str) -> ChannelOpenError:
     log.warning("[%s] forward refused: user=%s dest=%s:%s: %s", conn.tag, conn.user.name, host,
                 port, reason)
     conn.ctx.events.emit("forward.refused", conn=conn.id, user=conn.user.name, host=host,
-                             port=port, reason=reason)
+                         port=port, reason=reason)
     return ChannelOpenError(asyncssh.OPEN_ADMINISTRATIVELY_PROHIBITED, reason)
 
 
@@ -44,14 +53,24 @@ def direct_tcpip(conn: ConnectionInfo, host: str, port: int) -> object:
     if not _permitted_by_key(conn, host, port):
         raise _refuse(conn, host, port, f"{host}:{port} is not in this key's permitopen")
     own = host.lower() in conn.ctx.backend.aliases(conn.user.name)
-    if not own and not conn.ctx.config.forward_allowed(host, port):
-        raise _refuse(conn, host, port,
-                      f"forwarding to {host}:{port} is not allowed; use localhost:{port} to "
-                      "reach your own container")
+    allowed = own or conn.ctx.config.forward_allowed(host, port)
+    refusal = (f"forwarding to {host}:{port} is not allowed; use localhost:{port} to reach "
+               "your own container")
+    if not allowed and not _is_address(host):
+        raise _refuse(conn, host, port, refusal)
 
     async def connect() -> asyncssh.SSHForwarder:
+        nonlocal own
         assert conn.conn is not None
         target = f"{host}:{port}"
+        if not allowed:  # an address: hers (then as her own names), or refused
+            try:
+                state = await conn.ctx.ensure(conn.user)
+            except GatewayError as exc:
+                raise ChannelOpenError(asyncssh.OPEN_CONNECT_FAILED, exc.user_message) from exc
+            if state.ip != host:
+                raise _refuse(conn, host, port, refusal)
+            own = True
         if own:
             try:
                 await conn.ctx.ensure(conn.user)

@@ -259,3 +259,42 @@ def test_refusals_are_audited(live: InProcessGateway) -> None:
     assert wait_for(lambda: len(refused()) >= 2, 10), refused()
     kinds = {(e.get("direction", "local"), e["port"]) for e in refused()}
     assert {("remote", 9999), ("local", 81)} <= kinds
+
+
+def _serve_http_on_loopback(live: InProcessGateway, user: str, port: int) -> subprocess.Popen:
+    """`python3 -m http.server --bind 127.0.0.1` in her environment, started and listening."""
+    server = subprocess.Popen(
+        live.ssh_args(user) + [f"mkdir -p www && echo hello-{user} > www/index.html && "
+                               f"exec python3 -u -m http.server --bind 127.0.0.1 -d www {port}"],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    assert server.stdout is not None
+    seen = [server.stdout.readline() for _ in range(1)]
+    while b"Serving HTTP" not in seen[-1] and seen[-1] and len(seen) < 5:
+        seen.append(server.stdout.readline())  # the first contact's progress line comes first
+    assert b"Serving HTTP" in seen[-1], seen
+    return server
+
+
+def test_forwards_reach_her_loopback(live: InProcessGateway) -> None:
+    """What IDEs do: a server bound to 127.0.0.1 in the environment, reached with -L and -D."""
+    port = free_port()
+    server = _serve_http_on_loopback(live, "erin", port)
+    try:
+        local, socks = free_port(), free_port()
+        tunnel = subprocess.Popen(
+            live.ssh_args("erin", None, "-N", "-L", f"127.0.0.1:{local}:localhost:{port}",
+                          "-D", f"127.0.0.1:{socks}", "-o", "ExitOnForwardFailure=yes"),
+            stderr=subprocess.PIPE)
+        try:
+            def get(*extra: str) -> bytes:
+                return subprocess.run(["curl", "-s", "--max-time", "5", *extra],
+                                      capture_output=True).stdout
+            assert wait_for(lambda: get(f"http://127.0.0.1:{local}/") == b"hello-erin\n", 30)
+            assert get("--socks5-hostname", f"127.0.0.1:{socks}",
+                       f"http://localhost:{port}/") == b"hello-erin\n"
+        finally:
+            tunnel.terminate()
+            tunnel.wait(10)
+    finally:
+        server.kill()
+        server.wait(10)

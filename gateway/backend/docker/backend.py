@@ -24,6 +24,7 @@ from ...observe.events import Events
 from ..base import Backend, BackendError, EnvState, EnvStats, Limits, ProcessSpec
 from .disks import DiskError, Disks
 from .engine import DockerClient, DockerError
+from .netns import NamespaceSockets
 from .process import DockerProcess, exec_argv
 from .security import PROFILES, host_config, limit_spec
 from .spares import Spares, encode_header
@@ -66,6 +67,7 @@ class DockerBackend(Backend):
         # container id + start time that we have seen ready: lets a warm login skip the ping.
         self._ready: dict[str, tuple[str, str]] = {}
         self._df_cache: tuple[float, dict[str, int]] | None = None
+        self.netns = NamespaceSockets()
 
     # --- names ----------------------------------------------------------------------------
 
@@ -191,18 +193,39 @@ class DockerBackend(Backend):
         return self._process(exec_id, stream, user, pidfile)
 
     async def open_connection(self, user: str, port: int) -> socket.socket:
-        state = await self.inspect(user)
-        if not state.running or not state.ip:
-            raise BackendError("your container is not running", f"{user}: no address",
+        """To 127.0.0.1:port *inside* her container (netns), so servers bound to her
+        loopback are reachable; where the gateway may not enter namespaces (a containerised
+        gateway without --pid host), to her container's address instead."""
+        info = await self.docker.inspect_container(self.container_name(user))
+        state = self._state(user, info)
+        if not state.running:
+            raise BackendError("your container is not running", f"{user}: not running",
                                "not-running")
-        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        sock.setblocking(False)
+        pid = int((info or {}).get("State", {}).get("Pid") or 0)
+        sock, target = None, (state.ip, port)
+        if self.netns.available is not False and pid:
+            try:
+                sock = await self.netns.tcp_socket(pid, state.container_id)
+                self.netns.available, target = True, ("127.0.0.1", port)
+            except PermissionError as exc:
+                self.netns.available = False
+                log.warning("cannot enter container network namespaces (%s): ssh -L reaches "
+                            "container addresses only, not their loopback", exc)
+            except (ProcessLookupError, FileNotFoundError) as exc:
+                raise BackendError("your container is restarting; try again", str(exc),
+                                   "not-running") from exc
+        if sock is None:
+            if not state.ip:
+                raise BackendError("your container has no address", f"{user}: no address",
+                                   "not-running")
+            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            sock.setblocking(False)
         try:
-            await asyncio.get_running_loop().sock_connect(sock, (state.ip, port))
+            await asyncio.get_running_loop().sock_connect(sock, target)
         except OSError as exc:
             sock.close()
-            raise BackendError(f"connection to port {port} failed: {exc.strerror or exc}",
-                               f"{user}: connect {state.ip}:{port}: {exc}",
+            raise BackendError(f"connection to port {port} failed: {_reason(exc)}",
+                               f"{user}: connect {target[0]}:{port}: {exc}",
                                "connect-failed") from exc
         return sock
 
@@ -222,6 +245,7 @@ class DockerBackend(Backend):
     async def close(self) -> None:
         if self.spares is not None:
             self.spares.drop_all()
+        self.netns.close()
 
     async def stats(self, user: str) -> EnvStats:
         """State of the container plus two stats samples 0.5 s apart (for CPU %)."""
@@ -455,3 +479,8 @@ def _uptime(started: str) -> float | None:
     except ValueError:
         return None
     return max(0.0, time.time() - t.timestamp())
+
+
+def _reason(exc: OSError) -> str:
+    """"Connection refused", not asyncio's "Connect call failed (...)"."""
+    return os.strerror(exc.errno) if exc.errno else str(exc)
