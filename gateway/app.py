@@ -135,6 +135,10 @@ class App:
             kex_algs=list(self.config.kex_algorithms), mac_algs=list(self.config.macs),
             encoding=None,
             login_timeout=self.config.login_grace_time, reuse_address=True,
+            # sshd's ClientAlive*: a client gone from the network is dropped after
+            # interval x count, so its sessions end and its environment can be culled
+            keepalive_interval=self.config.client_alive_interval or 0,
+            keepalive_count_max=self.config.client_alive_count_max,
             # no GSSAPI: otherwise asyncssh resolves our FQDN per connection (a DNS stall)
             gss_host=None)
         self.port = self._server.sockets[0].getsockname()[1]

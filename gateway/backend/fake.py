@@ -31,6 +31,7 @@ SFTP_SERVERS = ("/usr/lib/openssh/sftp-server", "/usr/libexec/sftp-server",
                 "/usr/lib/sftp-server")
 _LOCAL_NAMES = {"localhost", "127.0.0.1", "::1", "ip6-localhost"}
 _READ = 256 * 1024
+HANGUP_GRACE = 5.0
 
 
 @dataclass
@@ -135,9 +136,16 @@ class FakeProcess:
             with contextlib.suppress(OSError):
                 os.close(self._master)
             self._master = -1
-        if self._proc.returncode is None:  # our side is gone: hang up, as sshd would
+        if self._proc.returncode is None:  # our side is gone: hang up, as sshd would ...
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(self._proc.pid, signals.SIGHUP)
+            asyncio.get_running_loop().call_later(HANGUP_GRACE, self._kill_leftovers)
+
+    def _kill_leftovers(self) -> None:
+        """... and what is still there after the grace period is killed (as Docker's is)."""
+        if self._proc.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self._proc.pid, signals.SIGKILL)
 
 
 class FakeBackend(Backend):

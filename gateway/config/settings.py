@@ -215,6 +215,8 @@ _GATEWAY_SPEC: dict[str, Converter] = {
     "max_auth_tries": _parsed(_int_value(1), what="a whole number"),
     "login_grace_time": _parsed(lambda v: parse_duration(v, allow_never=False),
                                 what="a duration"),
+    "client_alive_interval": _parsed(parse_duration, what="a duration or 'never'"),
+    "client_alive_count_max": _parsed(_int_value(1), what="a whole number"),
     "max_startups": _parsed(_int_value(1), what="a whole number"),
     "max_startups_per_source": _parsed(_int_value(1), what="a whole number"),
     "ban_threshold": _parsed(_int_value(1), what="a whole number"),
@@ -258,6 +260,8 @@ class GatewayConfig:
     max_sessions: int
     max_auth_tries: int
     login_grace_time: float
+    client_alive_interval: float | None  # keepalive probe interval; None: never
+    client_alive_count_max: int  # unanswered probes before the client is dropped
     max_startups: int
     max_startups_per_source: int
     ban_threshold: int  # failed logins from one address before it is banned
@@ -325,6 +329,8 @@ _GATEWAY_DEFAULTS: dict[str, Any] = {
     "max_sessions": 10,
     "max_auth_tries": 6,
     "login_grace_time": 120,
+    "client_alive_interval": "30s",
+    "client_alive_count_max": 3,
     "max_startups": 100,
     "max_startups_per_source": 10,
     "ban_threshold": 10,

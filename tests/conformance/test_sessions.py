@@ -298,3 +298,32 @@ def test_forwards_reach_her_loopback(live: InProcessGateway) -> None:
     finally:
         server.kill()
         server.wait(10)
+
+
+def test_client_gone_ends_its_session(live: InProcessGateway) -> None:
+    """kill -9 of the client: its pty shell's foreground job and a command session are gone
+    within the grace period; processes she detached (setsid, nohup) survive, as under sshd."""
+    import random
+    import signal
+
+    n = random.randrange(10_000, 90_000) * 10
+
+    def alive(k: int) -> bool:  # "slee[p]" does not match the pgrep's own command line
+        return live.ssh("alice", f"pgrep -f 'slee[p] {k}$' >/dev/null").returncode == 0
+
+    child = pexpect.spawn(" ".join(live.ssh_args("alice", None, "-tt")), timeout=60)
+    client = subprocess.Popen(live.ssh_args("alice") + [f"sleep {n + 3}"],
+                              stdin=subprocess.PIPE)
+    try:
+        child.sendline(f"setsid sleep {n + 1} </dev/null >/dev/null 2>&1 & "
+                       f"nohup sleep {n + 2} >/dev/null 2>&1 & sleep {n}")
+        assert wait_for(lambda: all(alive(n + i) for i in range(4)), 60)
+        os.kill(child.pid, signal.SIGKILL)
+        client.kill()
+        assert wait_for(lambda: not alive(n) and not alive(n + 3), 30), "session outlived client"
+        assert alive(n + 1) and alive(n + 2)
+    finally:
+        child.close(force=True)
+        client.wait(10)
+        live.ssh("alice", f"pkill -f 'slee[p] {n}' ; pkill -f 'slee[p] {n + 1}$'; "
+                          f"pkill -f 'slee[p] {n + 2}$'; true")

@@ -14,12 +14,14 @@ import secrets
 import time
 from collections.abc import Awaitable, Callable
 
+from ...aio import background
 from ..base import ProcessSpec
 from .engine import DockerClient, DockerError, ExecStream
 
 log = logging.getLogger("dind_gateway.backend")
 
 SFTP_SERVER = "/usr/libexec/sftp-server"
+HANGUP_GRACE = 5.0  # seconds between a client's disconnect and SIGKILL of what it left
 PIDFILE_DIR = "/run/dgw-sessions"
 SIGNALS = {"ABRT", "ALRM", "FPE", "HUP", "ILL", "INT", "KILL", "PIPE", "QUIT", "SEGV", "TERM",
            "USR1", "USR2"}
@@ -73,6 +75,7 @@ class DockerProcess:
         self._runner = runner
         self.on_exit: Callable[[], object] | None = None
         self._status: int | None = None
+        self._hung_up = False
 
     def write(self, data: bytes) -> None:
         self.stream.write(data)
@@ -90,7 +93,29 @@ class DockerProcess:
         return await self.stream.read()
 
     def close(self) -> None:
+        """End our side.  A session whose client went away is ended as sshd would: a pty
+        session's shell gets SIGHUP (bash passes it to its jobs), a command's input ends; what
+        is still there after HANGUP_GRACE is killed (its process group too).  Processes the
+        user detached (setsid, nohup, tmux, screen) are not in that group and survive."""
+        running = self._status is None and not self.stream.at_eof()
         self.stream.close()
+        if running and self._pidfile is not None and not self._hung_up:
+            self._hung_up = True
+            background(self._hang_up())
+
+    async def _hang_up(self) -> None:
+        try:
+            if self.stream.tty:
+                await self.signal("HUP")
+            await asyncio.sleep(HANGUP_GRACE)
+            if (await self._docker.exec_inspect(self.exec_id)).get("Running"):
+                await self._runner(self._user, [
+                    "sh", "-c", f'p="$(cat {self._pidfile})"; kill -s KILL -- "-$p" 2>/dev/null;'
+                                ' kill -s KILL "$p" 2>/dev/null; true'])
+                log.info("killed the leftover session process of %s after %.0f s", self._user,
+                         HANGUP_GRACE)
+        except DockerError as exc:
+            log.debug("hang-up of exec %s: %s", self.exec_id[:12], exc)
 
     async def resize(self, rows: int, cols: int) -> None:
         try:
