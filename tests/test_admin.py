@@ -13,8 +13,8 @@ import pytest
 
 from gateway.auth import hash_password
 
+from .cases import BAD_USERS
 from .conftest import ROOT, GatewayProc, container_status, pubkey, wait_for
-from .test_config import BAD_USERS
 
 
 def cli(gw: GatewayProc, *args: str, input: str | None = None) -> subprocess.CompletedProcess:

@@ -26,24 +26,19 @@ from gateway.config import (
     parse_users,
 )
 
+from ..cases import _PRIVATE, BAD_USERS, KEY
+
 REPO = Path(__file__).resolve().parents[2]
-_PRIVATE = asyncssh.generate_private_key("ssh-ed25519", comment="test@example")
-KEY = _PRIVATE.export_public_key("openssh").decode().strip()
 KEY2 = (
     asyncssh.generate_private_key("ssh-ed25519", comment="other")
     .export_public_key("openssh").decode().strip()
 )
-DSA_KEY = asyncssh.generate_private_key("ssh-dss").export_public_key("openssh").decode().strip()
 
 
 def write(tmp_path: Path, name: str, text: str) -> Path:
     path = tmp_path / name
     path.write_text(text)
     return path
-
-
-def users_with_key(line: str) -> str:
-    return f"users:\n  alice:\n    keys:\n      - {line}\n"
 
 
 def one_key(line: str) -> AuthorizedKey:
@@ -93,122 +88,6 @@ def test_gateway_defaults() -> None:
             gw.ban_max_seconds) == (10, 10, 300, 86400)
     assert (gw.audit_max_size, gw.audit_backups, gw.help_contact) == (50 * 2**20, 5, None)
 
-
-# --------------------------------------------------------------------------------------------
-# Malformed files: (id, file, content, line, field, fragment of the message)
-
-BAD_USERS = [
-    ("syntax-unclosed-flow", "users:\n  alice:\n    keys: [a, b\n    memory: 4g\n",
-     4, "users.alice.memory", "YAML syntax error"),
-    ("tab-indentation", "users:\n  alice:\n\tmemory: 4g\n",
-     3, "users.alice.memory", "tabs"),
-    ("unclosed-quote", "users:\n  alice:\n    shell: \"/bin/bash\n",
-     3, "users.alice.shell", "quoted scalar"),
-    ("two-documents", "users: {}\n---\nusers: {}\n", 2, "users",
-     "expected a single document in the stream (line 1), but found another document"),
-    ("top-level-not-mapping", "- alice\n", 1, None, "must be a mapping"),
-    ("unknown-top-level", "defaults: {}\nuser:\n  alice: {}\n",
-     2, "user", "did you mean 'users'"),
-    ("unknown-user-field", "users:\n  alice:\n    memroy: 4g\n",
-     3, "users.alice.memroy", "allowed: cpus, disabled, disk, idle_timeout, keys"),
-    ("memory-bad-unit", "users:\n  alice:\n    memory: 4x\n", 3, "users.alice.memory", "'4x'"),
-    ("memory-negative", "users:\n  alice:\n    memory: -1g\n",
-     3, "users.alice.memory", "greater than zero"),
-    ("memory-too-small", "users:\n  alice:\n    memory: 1m\n",
-     3, "users.alice.memory", "at least 6m"),
-    ("memory-a-list", "users:\n  alice:\n    memory:\n      - 4g\n",
-     3, "users.alice.memory", "not a list"),
-    ("cpus-zero", "users:\n  alice:\n    cpus: 0\n", 3, "users.alice.cpus", "greater than zero"),
-    ("cpus-text", "users:\n  alice:\n    cpus: abc\n", 3, "users.alice.cpus", "'abc'"),
-    ("cpus-infinite", "users:\n  alice:\n    cpus: .inf\n", 3, "users.alice.cpus", "finite"),
-    ("pids-too-low", "users:\n  alice:\n    pids: 1\n", 3, "users.alice.pids", "at least 10"),
-    ("pids-text", "users:\n  alice:\n    pids: x\n", 3, "users.alice.pids", "whole number"),
-    ("disabled-maybe", "users:\n  alice:\n    disabled: maybe\n",
-     3, "users.alice.disabled", "true or false"),
-    ("keys-mapping", "users:\n  alice:\n    keys:\n      a: b\n",
-     3, "users.alice.keys", "list of public key lines"),
-    ("keys-item-mapping", "users:\n  alice:\n    keys:\n      - {a: 1}\n",
-     4, "users.alice.keys[0]", "one authorized_keys line"),
-    ("key-read-as-mapping", users_with_key(f'command="echo a: b" {KEY}'),
-     4, "users.alice.keys[0]", "wrap it in single quotes"),
-    ("key-garbage", users_with_key("hello world"),
-     4, "users.alice.keys[0]", "'world' is not a public key type"),
-    ("key-bad-base64", users_with_key("ssh-ed25519 AAAA!!!notbase64 me"),
-     4, "users.alice.keys[0]", "not valid base64"),
-    ("key-truncated", users_with_key(KEY.split()[0] + " " + KEY.split()[1][:-8]),
-     4, "users.alice.keys[0]", "truncated"),
-    ("key-type-mismatch", users_with_key("ssh-rsa " + KEY.split()[1]),
-     4, "users.alice.keys[0]", "holds a ssh-ed25519 key but the line says ssh-rsa"),
-    ("key-second-item-bad",
-     f"users:\n  alice:\n    keys:\n      - {KEY}\n      - ssh-ed25519\n",
-     5, "users.alice.keys[1]", "missing the base64"),
-    ("key-bad-expiry", users_with_key(f'expiry-time="2024" {KEY}'),
-     4, "users.alice.keys[0]", "expiry-time"),
-    ("key-impossible-expiry", users_with_key(f'expiry-time="20241399" {KEY}'),
-     4, "users.alice.keys[0]", "not a real date"),
-    ("key-unknown-option", users_with_key(f"no-ptty {KEY}"),
-     4, "users.alice.keys[0]", "unknown option 'no-ptty'"),
-    ("key-upper-case-option", users_with_key(f"NO-PTY {KEY}"),
-     4, "users.alice.keys[0]", "lower case"),
-    ("key-command-without-value", users_with_key(f"command {KEY}"),
-     4, "users.alice.keys[0]", "needs a value"),
-    ("key-flag-with-value", users_with_key(f'no-pty="yes" {KEY}'),
-     4, "users.alice.keys[0]", "takes no value"),
-    ("key-from-host-bits", users_with_key(f'from="10.0.0.1/8" {KEY}'),
-     4, "users.alice.keys[0]", "did you mean 10.0.0.0/8"),
-    ("key-from-only-negated", users_with_key(f'from="!1.2.3.4" {KEY}'),
-     4, "users.alice.keys[0]", "matches nobody"),
-    ("key-unbalanced-quote", users_with_key(f'from="10.0.0.0/8 {KEY}'),
-     4, "users.alice.keys[0]", "Unbalanced quote"),
-    ("key-bad-environment", users_with_key(f'environment="1X=y" {KEY}'),
-     4, "users.alice.keys[0]", "NAME=value"),
-    ("key-bad-permitopen-port", users_with_key(f'permitopen="db:99999" {KEY}'),
-     4, "users.alice.keys[0]", "out of range"),
-    ("key-cert-authority", users_with_key(f"cert-authority {KEY}"),
-     4, "users.alice.keys[0]", "not supported"),
-    ("key-dsa", users_with_key(DSA_KEY), 4, "users.alice.keys[0]", "DSA"),
-    ("key-two-commands", users_with_key(f'command="a",command="b" {KEY}'),
-     4, "users.alice.keys[0]", "more than once"),
-    ("duplicate-user", "users:\n  alice: {}\n  bob: {}\n  alice: {}\n",
-     4, "users.alice", "duplicate user 'alice' on lines 2 and 4"),
-    ("duplicate-user-field", "users:\n  alice:\n    cpus: 1\n    cpus: 2\n",
-     4, "users.alice.cpus", "lines 3 and 4"),
-    ("duplicate-top-level", "users: {}\ndefaults: {}\nusers: {}\n",
-     3, "users", "duplicate key 'users'"),
-    ("user-name-capital", "users:\n  Alice: {}\n", 2, "users.Alice", "invalid user name"),
-    ("user-name-punctuation", "users:\n  bob: {}\n  root!: {}\n",
-     3, "users.root!", "invalid user name"),
-    ("user-name-too-long", f"users:\n  {'a' * 33}: {{}}\n",
-     2, f"users.{'a' * 33}", "1-32 characters"),
-    ("user-name-leading-digit", "users:\n  1alice: {}\n", 2, "users.1alice", "invalid"),
-    ("password-plaintext", "users:\n  alice:\n    password: hunter2\n",
-     3, "users.alice.password",
-     "password must be a hash made by `dind-gateway hash-password`, not plaintext"),
-    ("password-unknown-hash", "users:\n  alice:\n    password: $1$abc$0123456789abcdefghijkl\n",
-     3, "users.alice.password", "unsupported hash type"),
-    ("password-malformed-bcrypt", "users:\n  alice:\n    password: $2b$12$short\n",
-     3, "users.alice.password", "malformed bcrypt"),
-    ("users-a-list", "users:\n  - alice\n  - bob\n", 1, "users", "mapping of user name"),
-    ("user-entry-scalar", f"users:\n  alice: {KEY}\n",
-     2, "users.alice", "must be a mapping of settings"),
-    ("defaults-with-keys", f"defaults:\n  cpus: 1\n  keys:\n    - {KEY}\n",
-     3, "defaults.keys", "cannot be set in defaults"),
-    ("defaults-with-password", "defaults:\n  password: x\n",
-     2, "defaults.password", "cannot be set in defaults"),
-    ("defaults-unknown-field", "defaults:\n  cpu: 2\n", 2, "defaults.cpu", "did you mean 'cpus'"),
-    ("defaults-not-mapping", "defaults: 4g\n", 1, "defaults", "must be a mapping"),
-    ("user-idle-timeout-parsecs", "users:\n  alice:\n    idle_timeout: 5 parsecs\n",
-     3, "users.alice.idle_timeout", "not a duration"),
-    ("user-max-sessions-zero", "users:\n  alice:\n    max_sessions: 0\n",
-     3, "users.alice.max_sessions", "at least 1"),
-    ("user-shell-relative", "users:\n  alice:\n    shell: bash\n",
-     3, "users.alice.shell", "absolute path"),
-    ("merge-key", "users:\n  alice:\n    <<: {cpus: 1}\n", 3, "users.alice.<<", "merge keys"),
-    ("python-tag", "users:\n  alice:\n    shell: !!python/object:os.system x\n",
-     3, "users.alice.shell", "YAML tag !!python/object:os.system is not allowed"),
-    ("recursive-alias", "users:\n  alice:\n    keys: &x [*x]\n",
-     3, "users.alice.keys[0]", "recursive YAML alias"),
-]
 
 BAD_GATEWAY = [
     ("listen-bad-port", "listen: 0.0.0.0:99999\n", 1, "listen", "out of range"),
