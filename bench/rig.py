@@ -45,12 +45,12 @@ DIY_NETWORK_POOL = ipaddress.ip_network("10.214.0.0/16")
 # The same caps for every user container, gateway and DIY alike (config/users.yaml's defaults).
 LIMITS = {"cpus": 2, "memory": "4g", "pids": 2000}
 LIMIT_FLAGS = ["--cpus", "2", "--memory", "4g", "--memory-swap", "4g", "--pids-limit", "2000"]
-# gateway/backend.py `_security()` for the hardened profile, and `_create()`'s --init.
+# gateway/backend/docker/security.py for the hardened profile, and `_create()`'s --init.
 HARDENED_FLAGS = ["--init", "--cgroupns", "private", "--cap-add", "SYS_ADMIN",
                   "--cap-add", "NET_ADMIN", "--security-opt", "seccomp=unconfined",
                   "--security-opt", "apparmor=unconfined",
                   "--security-opt", "systempaths=unconfined"]
-# ... and for the rootless profile (the default): same flags as `_security()` builds.
+# ... and for the rootless profile (the default): same flags as `host_config()` builds.
 ROOTLESS_FLAGS = ["--init", "--cgroupns", "private", "--cap-drop", "ALL",
                   *[f for c in ("CHOWN", "DAC_OVERRIDE", "FOWNER", "SETUID", "SETGID", "KILL")
                     for f in ("--cap-add", c)],
@@ -297,7 +297,11 @@ class Rig:
                     "max_sessions": 100, "max_startups": 500}
         # Every bench client comes from 127.0.0.1: lift the per-source cap where it exists
         # (the DIY sshd has no per-source limit either).
-        if "max_startups_per_source" in (self.gateway_root / "gateway" / "config.py").read_text():
+        # (an older snapshot has gateway/config.py, newer ones the gateway/config/ package)
+        config_src = "".join(p.read_text() for p in (self.gateway_root / "gateway").glob(
+            "config*/**/*.py" if (self.gateway_root / "gateway" / "config").is_dir()
+            else "config.py"))
+        if "max_startups_per_source" in config_src:
             settings["max_startups_per_source"] = 500
         (d / "gateway.yaml").write_text(yaml.safe_dump(settings, sort_keys=False))
         log = d / "gateway.log"
