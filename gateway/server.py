@@ -269,7 +269,7 @@ class Gateway:
             DockerClient(config.docker_url()), image=config.image, prefix=config.prefix,
             profile=config.security_profile, ready_timeout=config.ready_timeout,
             events=self.events, network_pool=str(config.user_network_pool),
-            disks_dir=config.state_dir / "disks")
+            disks_dir=config.state_dir / "disks", uids_file=config.state_dir / "uids.json")
         self.metrics = MetricsServer.for_gateway(self) if config.metrics_listen else None
         self.connections: set[Connection] = set()
         self.activity = Activity()
