@@ -65,3 +65,118 @@ def test_inotify_exhaustion_by_alice_leaves_bob_alone(duo: GatewayProc) -> None:
         assert int(out[0]) >= 0, f"bob's inotify_init1 failed: {out}"
     finally:
         duo.ssh("alice", "pkill -f '^python3 /tmp/hog.py'; rm -f /tmp/held")
+
+
+# An inner image with a shell and the few tools the tests use, from files already in the
+# user's container (no registry anywhere).
+TOOLS = ("cd / && f='usr/bin/dash usr/bin/cat usr/bin/sleep usr/bin/touch usr/bin/chown "
+         "usr/bin/stat usr/bin/id usr/bin/mkdir usr/bin/cp usr/bin/chmod' && l=$(ldd $(for b in "
+         "$f; do echo /$b; done) | grep -o '/[^ ]*' | sed 's,^/,,' | sort -u) && d=$(for p in $f "
+         "$l; do echo $p; done | awk -F/ '{p = $1; print p; for (i = 2; i < NF; i++) "
+         "{p = p \"/\" $i; print p}}' | sort -u) && tar -ch --no-recursion $d $f $l 2>/dev/null"
+         " | docker import -c 'CMD [\"/usr/bin/dash\"]' - tools >/dev/null")
+
+
+def ids_of(gw: GatewayProc, user: str) -> tuple[int, int]:
+    """Her uid as she sees it, and the start of her subordinate range from /etc/subuid."""
+    r = gw.ssh(user, "id -u; grep \"^$(id -un):\" /etc/subuid /etc/subgid")
+    lines = r.stdout.decode().split()
+    uid, sub_u, sub_g = int(lines[0]), lines[1].split(":"), lines[2].split(":")
+    assert sub_u[2:] == sub_g[2:] and sub_u[3] == "65536", lines
+    return uid, int(sub_u[2])
+
+
+def host_uids(client: docker.DockerClient, name: str) -> dict[int, str]:
+    """Host uid -> command of every process in a container, read from the host's /proc."""
+    top = client.containers.get(name).top(ps_args="-eo pid,args")
+    out = {}
+    for pid, args in ((int(p[0]), p[1]) for p in top["Processes"]):
+        try:
+            status = Path(f"/proc/{pid}/status").read_text()
+        except FileNotFoundError:  # exited meanwhile
+            continue
+        uid = int(next(ln for ln in status.splitlines() if ln.startswith("Uid:")).split()[1])
+        out.setdefault(uid, args)
+    return out
+
+
+def test_each_user_has_her_own_host_uid_and_range(duo: GatewayProc,
+                                                  docker_client: docker.DockerClient) -> None:
+    from gateway.uids import BASE, STRIDE
+
+    alice, bob = ids_of(duo, "alice"), ids_of(duo, "bob")
+    assert alice != bob and {alice[0], bob[0]} <= {BASE, BASE + STRIDE}, (alice, bob)
+    for uid, sub in (alice, bob):
+        assert sub == uid + 1
+    # an inner container of each, as inner uid 5: on the host that is her sub + 4
+    for u in ("alice", "bob"):
+        r = duo.ssh(u, f"{TOOLS} && docker run -d --user 5 tools /usr/bin/sleep 600")
+        assert r.returncode == 0, r.stderr
+    seen = {u: host_uids(docker_client, duo.container_name(u)) for u in ("alice", "bob")}
+    for u, (uid, sub) in (("alice", alice), ("bob", bob)):
+        mine = set(range(sub, sub + 65536)) | {uid}
+        assert uid in seen[u], seen[u]  # her shell, her daemon
+        assert sub + 4 in seen[u] and "sleep 600" in seen[u][sub + 4], seen[u]
+        assert set(seen[u]) - {0} <= mine, f"{u}: processes outside her ids: {seen[u]}"
+        assert 1000 not in seen[u]
+    assert not (set(seen["alice"]) - {0}) & set(seen["bob"])
+    for u in ("alice", "bob"):
+        duo.ssh(u, "docker rm -f $(docker ps -q) >/dev/null")
+
+
+def test_ids_are_stable_across_restarts_and_purge(make_gateway, keys: dict[str, Path],
+                                                  docker_client: docker.DockerClient) -> None:
+    import json
+    import subprocess
+    import sys
+
+    from .conftest import ROOT
+
+    gw = make_gateway()
+    gw.start()
+    first = {u: ids_of(gw, u) for u in ("dave", "erin")}
+    assert len({v[0] for v in first.values()}) == 2
+    data = json.loads((gw.dir / "state" / "uids.json").read_text())
+    assert set(data["users"]) == {"dave", "erin"} and data["next"] == 2, data
+    # gateway restart (container adopted) and container restart: same ids
+    gw.stop()
+    docker_client.containers.get(gw.container_name("erin")).stop()
+    gw.start()
+    assert {u: ids_of(gw, u) for u in ("dave", "erin")} == first
+    # purge keeps her slot: the next environment of that name gets the same ids, and a new
+    # user gets a new slot, never a freed one
+    r = subprocess.run([sys.executable, "-m", "gateway", "purge", "dave", "--yes", "--config",
+                        str(gw.config)], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert ids_of(gw, "dave") == first["dave"]
+    carol = ids_of(gw, "carol")
+    assert carol[0] > max(v[0] for v in first.values())
+
+
+def test_concurrent_first_allocations_never_collide(tmp_path: Path) -> None:
+    """Eight processes allocate overlapping names at once on one file."""
+    import json
+    import subprocess
+    import sys
+
+    from .conftest import ROOT
+
+    script = ("import sys; from pathlib import Path; from gateway.uids import UidMap\n"
+              "m = UidMap(Path(sys.argv[1]))\n"
+              "print(' '.join(f'{n}={m.get(n).uid}' for n in sys.argv[2:]))\n")
+    names = [f"u{i}" for i in range(30)]
+    procs = [subprocess.Popen([sys.executable, "-c", script, str(tmp_path / "uids.json"),
+                               *(names[i::2] if i % 2 else names[::-1])],
+                              stdout=subprocess.PIPE, text=True, cwd=ROOT) for i in range(8)]
+    seen: dict[str, set[int]] = {}
+    for p in procs:
+        out, _ = p.communicate(timeout=60)
+        assert p.returncode == 0
+        for pair in out.split():
+            name, uid = pair.split("=")
+            seen.setdefault(name, set()).add(int(uid))
+    assert all(len(v) == 1 for v in seen.values()), seen  # one uid per name everywhere
+    uids = [next(iter(v)) for v in seen.values()]
+    assert len(set(uids)) == len(names)  # and no two names share one
+    data = json.loads((tmp_path / "uids.json").read_text())
+    assert sorted(data["users"].values()) == list(range(len(names))) and data["next"] == 30
