@@ -180,3 +180,73 @@ def test_concurrent_first_allocations_never_collide(tmp_path: Path) -> None:
     assert len(set(uids)) == len(names)  # and no two names share one
     data = json.loads((tmp_path / "uids.json").read_text())
     assert sorted(data["users"].values()) == list(range(len(names))) and data["next"] == 30
+
+
+# Her image built on `tools`: a file of inner uid 5, a setuid file, and it runs as inner uid 5.
+DOCKERFILE = """FROM tools
+RUN ["/usr/bin/dash", "-c", "mkdir /data && touch /data/f && chown 5:7 /data/f && \\
+cp /usr/bin/id /data/id-suid && chmod 4755 /data/id-suid"]
+ENV PATH=/usr/bin
+USER 5:7
+"""
+MIGRATION_FILES = 20000
+
+
+def test_volumes_of_the_previous_version_are_migrated(make_gateway, keys: dict[str, Path],
+                                                      docker_client: docker.DockerClient,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    from gateway.uids import BASE
+
+    # 1. her environment as the previous version made it: uid 1000, subids 100000..165535
+    monkeypatch.setenv("DGW_LEGACY_UIDS", "1")
+    gw = make_gateway()
+    gw.write_users({"carol": {"keys": [pubkey(keys["carol"])], "memory": "1g", "pids": 1000,
+                              "cpus": 1}})
+    gw.start()
+    assert ids_of(gw, "carol") == (1000, 100000)
+    setup = (f"{TOOLS} && cd ~ && mkdir -p ctx && printf '%s' '{DOCKERFILE}' > ctx/Dockerfile && "
+             "docker build -q -t built ctx >/dev/null && "
+             "docker volume create inner >/dev/null && "
+             "docker run --rm -v inner:/v --user 0 tools /usr/bin/chown 5:7 /v && "
+             "docker run --rm -v inner:/v built /usr/bin/touch /v/by5 && "
+             "mkdir -p shared && chmod 777 shared && "
+             "docker run --rm -v ~/shared:/s built /usr/bin/touch /s/by5 && "
+             "echo mine > notes.txt && mkdir many && "
+             f"python3 -c 'for i in range({MIGRATION_FILES}): open(f\"many/{{i}}\", \"w\")' && "
+             "stat -c '%u:%g' notes.txt shared/by5")
+    r = gw.ssh("carol", setup, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.split() == [b"1000:1000", b"100004:100006"], r.stdout
+    gw.stop()
+    # what the previous version's volumes look like: no migration marker; container stopped
+    name = gw.container_name("carol")
+    old = docker_client.containers.get(name)
+    assert old.exec_run(["rm", "/var/lib/docker/.dgw-ids"], user="0").exit_code == 0
+    old.stop()
+
+    # 2. this version: her own ids; the container is made again, the init moves her files
+    monkeypatch.delenv("DGW_LEGACY_UIDS")
+    gw.start()
+    uid, sub = ids_of(gw, "carol")
+    assert uid >= BASE and sub == uid + 1
+    assert docker_client.containers.get(name).id != old.id
+    r = gw.ssh("carol", "stat -c '%u:%g' . notes.txt shared/by5; cat notes.txt; "
+               "find ~ /var/lib/docker -uid 1000 -o -gid 1000 -o -uid +99999 -uid -165537 "
+               "| wc -l")
+    assert r.stdout.split() == [f"{uid}:{uid}".encode(), f"{uid}:{uid}".encode(),
+                                f"{sub + 4}:{sub + 6}".encode(), b"mine", b"0"], r.stdout
+    # her old image, her inner volume, a setuid bit and inner ownership all still work
+    r = gw.ssh("carol", "docker run --rm -v inner:/v built /usr/bin/dash -c "
+               "'/usr/bin/id -u; /usr/bin/stat -c %u:%g:%a /data/f /data/id-suid /v/by5; "
+               "/usr/bin/touch /v/again /data/f && echo wrote'")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.split() == [b"5", b"5:7:644", b"0:0:4755", b"5:7:644", b"wrote"], r.stdout
+    logs = docker_client.containers.get(name).logs().decode(errors="replace")
+    moved = [ln for ln in logs.splitlines() if "ids moved:" in ln]
+    assert len(moved) == 1, logs
+    print(f"\nmigration of {MIGRATION_FILES} files plus her image: {moved[0]}")
+    # 3. once only: the next start finds the marker
+    docker_client.containers.get(name).stop()
+    assert gw.ssh("carol", "cat notes.txt").stdout == b"mine\n"
+    logs = docker_client.containers.get(name).logs().decode(errors="replace")
+    assert sum("ids moved:" in ln for ln in logs.splitlines()) == 1, logs
