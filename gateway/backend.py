@@ -354,7 +354,9 @@ class DockerBackend(Backend):
 
     async def ids(self, user: str) -> Ids:
         """The user's host uid and subordinate range (allocated at her first call)."""
-        if self.uids is None:
+        if self.uids is None or self.profile == "sysbox":
+            # sysbox-runc gives each container its own host range already, and maps only
+            # 0..65535 inside it: a uid of 2000000 would not exist there (not verified here)
             return LEGACY
         try:
             return await asyncio.to_thread(self.uids.get, user)
