@@ -192,16 +192,18 @@ USER 5:7
 MIGRATION_FILES = 20000
 
 
+@pytest.mark.parametrize("disk", [None, "400m"])
 def test_volumes_of_the_previous_version_are_migrated(make_gateway, keys: dict[str, Path],
                                                       docker_client: docker.DockerClient,
-                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+                                                      monkeypatch: pytest.MonkeyPatch,
+                                                      disk: str | None) -> None:
     from gateway.uids import BASE
 
     # 1. her environment as the previous version made it: uid 1000, subids 100000..165535
     monkeypatch.setenv("DGW_LEGACY_UIDS", "1")
     gw = make_gateway()
     gw.write_users({"carol": {"keys": [pubkey(keys["carol"])], "memory": "1g", "pids": 1000,
-                              "cpus": 1}})
+                              "cpus": 1, **({"disk": disk} if disk else {})}})
     gw.start()
     assert ids_of(gw, "carol") == (1000, 100000)
     setup = (f"{TOOLS} && cd ~ && mkdir -p ctx && printf '%s' '{DOCKERFILE}' > ctx/Dockerfile && "
@@ -244,7 +246,10 @@ def test_volumes_of_the_previous_version_are_migrated(make_gateway, keys: dict[s
     logs = docker_client.containers.get(name).logs().decode(errors="replace")
     moved = [ln for ln in logs.splitlines() if "ids moved:" in ln]
     assert len(moved) == 1, logs
-    print(f"\nmigration of {MIGRATION_FILES} files plus her image: {moved[0]}")
+    print(f"\nmigration of {MIGRATION_FILES} files plus her image (disk {disk}): {moved[0]}")
+    if disk:  # the recreated container is on her quota disk still
+        r = gw.ssh("carol", "df -B1M --output=size ~ /var/lib/docker | tail -2")
+        assert [300 < int(n) <= 400 for n in r.stdout.split()] == [True, True], r.stdout
     # 3. once only: the next start finds the marker
     docker_client.containers.get(name).stop()
     assert gw.ssh("carol", "cat notes.txt").stdout == b"mine\n"
