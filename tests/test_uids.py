@@ -16,7 +16,10 @@ from .conftest import GatewayProc, pubkey, wait_for
 # Takes inotify instances until the kernel refuses one, records how many and why, then holds
 # them until killed.
 INOTIFY_HOG = """\
-import ctypes, os, signal
+import ctypes, os, resource, signal
+# the fd limit must not be what stops her: only the per-uid inotify limit
+soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 libc = ctypes.CDLL(None, use_errno=True)
 fds, err = [], 0
 while len(fds) < 100000:
