@@ -39,7 +39,6 @@ SFTP_SERVER = "/usr/lib/openssh/sftp-server"
 LABEL_INSTANCE = "dind-gateway.instance"
 LABEL_OWNER = "dind-gateway.owner"
 LABEL_ROLE = "dind-gateway.role"
-USER_UID = 1000
 DIY_NETWORK_POOL = ipaddress.ip_network("10.214.0.0/16")
 
 # The same caps for every user container, gateway and DIY alike (config/users.yaml's defaults).
@@ -375,11 +374,22 @@ class Rig:
                 "--label", f"{LABEL_OWNER}={role}-{user}", "--label", f"{LABEL_ROLE}={role}",
                 "--hostname", f"{user}-devbox", "--network", name,
                 *PROFILE_FLAGS[self.security_profile],
-                "-e", f"DGW_USER={user}", "-e", f"DGW_UID={USER_UID}",
+                "-e", f"DGW_USER={user}", *[f for e in self.ids_env(user) for f in ("-e", e)],
                 "-e", f"DGW_PROFILE={self.security_profile}",
                 "--mount", f"type=volume,source={name}-home,target=/home/{user}",
                 "--mount", f"type=volume,source={name}-docker,target=/var/lib/docker",
                 *LIMIT_FLAGS, self.image]
+
+    def ids_env(self, user: str) -> list[str]:
+        """DGW_UID/DGW_SUBID as the gateway under test gives this user (its uids module: read
+        from, or allocated in, its own state dir); uid 1000 for a gateway without per-user ids
+        and under sysbox."""
+        from gateway.backend.docker.uids import LEGACY, UidMap
+
+        if (self.security_profile == "sysbox"
+                or not any((self.gateway_root / "gateway").glob("**/uids.py"))):
+            return [f"DGW_UID={LEGACY.uid}"]
+        return UidMap(self.tmp / "gateway" / "state" / "uids.json").get(user).env()
 
     def prepare_objects(self, name: str, user: str, role: str) -> None:
         """The labelled network and (empty) volumes a `run_argv(name, ...)` container uses."""

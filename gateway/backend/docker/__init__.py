@@ -24,4 +24,5 @@ def from_config(config: Any, events: Any) -> DockerBackend:
     return DockerBackend(
         DockerClient(config.docker_url()), image=config.image, prefix=config.prefix,
         profile=profile, ready_timeout=config.ready_timeout, events=events,
-        network_pool=str(config.user_network_pool), disks_dir=config.state_dir / "disks")
+        network_pool=str(config.user_network_pool), disks_dir=config.state_dir / "disks",
+        uids_file=config.state_dir / "uids.json")

@@ -28,6 +28,7 @@ from .netns import NamespaceSockets
 from .process import DockerProcess, exec_argv
 from .security import PROFILES, host_config, limit_spec
 from .spares import Spares, encode_header
+from .uids import LEGACY, Ids, UidError, UidMap, container_ids
 
 log = logging.getLogger("dind_gateway.backend")
 
@@ -37,7 +38,6 @@ LABEL_OWNER = "dind-gateway.owner"
 LABEL_ROLE = "dind-gateway.role"
 
 INNER_DOCKER_HOST = "unix:///var/run/docker.sock"
-USER_UID = 1000
 _LOCAL_NAMES = {"localhost", "127.0.0.1", "::1", "ip6-localhost"}
 
 
@@ -48,7 +48,8 @@ class DockerBackend(Backend):
                  profile: str = "rootless", ready_timeout: float = 60.0,
                  events: Events | None = None,
                  network_pool: str = "10.213.0.0/16", subnet_prefix: int = 28,
-                 prestart: bool = True, disks_dir: Path | None = None) -> None:
+                 prestart: bool = True, disks_dir: Path | None = None,
+                 uids_file: Path | None = None) -> None:
         if profile not in PROFILES:
             raise ValueError(f"unknown security profile {profile!r}")
         self.docker = docker
@@ -63,6 +64,9 @@ class DockerBackend(Backend):
         self.subnet_prefix = subnet_prefix
         self.spares = Spares(docker, self.container_name) if prestart else None
         self.disks = Disks(disks_dir) if disks_dir is not None else None
+        # each user's own host uid and subordinate range (uids.py); without a file,
+        # everybody is uid 1000 as before (only for backends that make no environment)
+        self.uids = UidMap(uids_file) if uids_file is not None else None
         self._locks: dict[str, asyncio.Lock] = {}
         # container id + start time that we have seen ready: lets a warm login skip the ping.
         self._ready: dict[str, tuple[str, str]] = {}
@@ -119,6 +123,8 @@ class DockerBackend(Backend):
             announce = progress if not state.running else None
             if announce:
                 announce("Starting your Docker environment…")
+            if state.exists and not state.running and await self._made_with_other_ids(user):
+                state = EnvState(user=user, exists=False)
             if not state.exists:
                 await self._create(user, limits)
                 self.events.emit("container.create", user=user,
@@ -334,6 +340,38 @@ class DockerBackend(Backend):
             raise BackendError("Your disk could not be prepared; please tell your admin.",
                                f"disk of {user}: {exc}", "disk") from exc
 
+    async def ids(self, user: str) -> Ids:
+        """The user's host uid and subordinate range (allocated at her first call)."""
+        if self.uids is None or self.profile == "sysbox":
+            # sysbox-runc gives each container its own host range already, and maps only
+            # 0..65535 inside it: a uid of 2000000 would not exist there (not verified here)
+            return LEGACY
+        try:
+            return await asyncio.to_thread(self.uids.get, user)
+        except (UidError, OSError) as exc:
+            raise BackendError("Your user id could not be allocated; please tell your admin.",
+                               f"uid of {user}: {exc}", "uids") from exc
+
+    async def _made_with_other_ids(self, user: str) -> bool:
+        """A stopped rootless container made with other ids (the previous version's uid 1000)
+        is removed, its volumes kept, to be made again with hers; dind-init then moves her
+        files over.  Nothing of hers is lost: under rootless she can write nothing on the
+        container's root filesystem.  (Other profiles keep their container and its ids.)"""
+        if self.profile != "rootless":
+            return False
+        name = self.container_name(user)
+        info = await self.docker.inspect_container(name)
+        if info is None:
+            return False
+        had, want = container_ids(info), await self.ids(user)
+        if had == want:
+            return False
+        log.info("container %s was made with uid %d, subids %d; %s now has uid %d, subids %d:"
+                 " making it again (volumes kept)", name, had.uid, had.sub, user, want.uid,
+                 want.sub)
+        await self._ignore_missing("DELETE", f"/containers/{name}", query={"force": 1, "v": 0})
+        return True
+
     # --- primitives ---------------------------------------------------------------------------
 
     async def _ignore_missing(self, method: str, path: str, **kw: Any) -> None:
@@ -361,7 +399,8 @@ class DockerBackend(Backend):
         spec = {
             "Image": self.image,
             "Hostname": f"{user}-devbox",
-            "Env": [f"DGW_USER={user}", f"DGW_UID={USER_UID}", f"DGW_PROFILE={self.profile}"],
+            "Env": [f"DGW_USER={user}", *(await self.ids(user)).env(),
+                    f"DGW_PROFILE={self.profile}"],
             "Labels": self.labels(user),
             "HostConfig": {
                 "Init": True,
