@@ -121,10 +121,11 @@ def wrap(abuse: Abuse, bound: int) -> str:
 
     `timeout` makes itself a process-group leader and SIGKILLs the whole group after `bound`
     seconds.  Inside, a watchdog blocked on the session's stdin kills the group (builtin
-    `kill`, no fork needed) as soon as the bench closes that stdin.
+    `kill`, no fork needed; dash takes `kill -KILL -PGID`, not `-- -PGID`) as soon as the
+    bench closes that stdin.
     """
     inner = ("pg=$(ps -o pgid= -p $$ | tr -d ' '); exec 3<&0; "
-             '(cat <&3 >/dev/null; kill -KILL -- -"$pg") & exec 3<&-; '
+             '(cat <&3 >/dev/null; kill -KILL -"$pg") & exec 3<&-; '
              f": {MARKER}; {abuse.body}")
     return f"exec timeout -s KILL {bound} sh -c {shlex.quote(inner)}"
 
