@@ -109,7 +109,7 @@ def abuses(cores: int, memory: int, disk: int, bound: int) -> list[Abuse]:
               "i=0; while :; do "
               "docker run --rm probe /usr/bin/dash -c "
               "'i=0; while [ $i -lt 200000 ]; do i=$((i+1)); done' || exit 1; "
-              r"printf 'FROM probe\nRUN [\"/usr/bin/dash\", \"-c\", \"echo built\"]\n' | "
+              "printf 'FROM probe\\nRUN [\"/usr/bin/dash\", \"-c\", \"echo built\"]\\n' | "
               "DOCKER_BUILDKIT=0 docker build -q --no-cache -t noisy-build - >/dev/null "
               "|| exit 1; "
               'i=$((i+1)); [ $i = 1 ] && echo go; done'),
@@ -321,6 +321,23 @@ def host_table(outcomes: list[Outcome]) -> str:
     return "\n".join(lines)
 
 
+def others() -> str:
+    """Other gateways and test runs on this machine (they share its two cores with us)."""
+    found = []
+    for d in os.listdir("/proc"):
+        if not d.isdigit() or int(d) == os.getpid():
+            continue
+        try:
+            cmd = Path(f"/proc/{d}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+        except OSError:
+            continue
+        if f"/{PREFIX}-" not in cmd and any(k in cmd for k in ("gateway serve", "pytest",
+                                                               "sshd -D", "-m bench")):
+            found.append(cmd.strip()[:60])
+    return f"{len(found)} other gateway / pytest / bench processes" + (
+        f" (e.g. `{found[0]}`)" if found else "")
+
+
 def sweep_stale() -> None:
     """What an earlier, killed `bench noisy` left: its gateway, Docker objects, mounts, temp dir.
 
@@ -397,6 +414,7 @@ def main(argv: list[str] | None = None) -> int:
         f"temp dir {rig.tmp}")
     outcomes: list[Outcome] = []
     status = 0
+    context = [f"at the start: load {os.getloadavg()[0]:.1f}, {others()}"]
     try:
         rig.start(baselines=False)
         gw = rig.contenders["gateway"]
@@ -431,6 +449,7 @@ def main(argv: list[str] | None = None) -> int:
               file=sys.stderr, flush=True)
         status = 1
     finally:
+        context.append(f"at the end: load {os.getloadavg()[0]:.1f}, {others()}")
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
         say("cleaning up")
@@ -440,7 +459,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\nRun: {stamp}, {mach.get('CPUs (nproc)', '?')}, kernel {mach.get('kernel', '?')}, "
           f"Docker {mach.get('Docker engine', '?')}, profile {args.profile}, caps "
           f"cpus {args.cpus} / memory {args.memory} / pids {args.pids} / disk {args.disk} "
-          f"(alice and bob), {time.perf_counter() - started:.0f} s\n", flush=True)
+          f"(alice and bob), {time.perf_counter() - started:.0f} s; "
+          f"{'; '.join(context)}\n", flush=True)
     if outcomes:
         print(table(outcomes), flush=True)
         print(flush=True)
