@@ -42,7 +42,7 @@ from gateway.config import parse_size
 
 from .measure import run, say
 from .report import MIB, machine, percentile
-from .rig import BenchError, Contender, Rig, _pid_of, remove_labelled, tail, unmount_under
+from .rig import BenchError, Contender, Rig, _pid_of, docker, remove_labelled, tail, unmount_under
 
 TARGET = 1.5  # bob's latency during abuse, as a multiple of quiet
 MARKER = "dgwnoisy-abuse"  # in the command line of the abuse processes (for the last resort)
@@ -183,18 +183,66 @@ class Session:
             return None
 
 
-def cpu_times() -> tuple[int, int, int]:
-    """(busy, iowait, total) jiffies over all CPUs, from /proc/stat."""
-    f = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
-    idle, iowait = f[3], f[4]
-    total = sum(f[:8])
-    return total - idle - iowait, iowait, total
+CLK = os.sysconf("SC_CLK_TCK")
+FIELDS = ("wall", "busy", "iowait", "alice", "bob", "containers", "kthreads", "gateway",
+          "disk_write", "loop_write")
+
+
+def _cg_seconds(cid: str) -> float:
+    """CPU seconds a container's cgroup has used; cid "" = all containers (cgroup v1 only)."""
+    v1 = Path("/sys/fs/cgroup/cpuacct/docker", cid, "cpuacct.usage")
+    if v1.exists():
+        return int(v1.read_text()) * 1e-9
+    v2 = Path(f"/sys/fs/cgroup/system.slice/docker-{cid}.scope/cpu.stat")
+    if cid and v2.exists():
+        return int(v2.read_text().split("\n", 1)[0].split()[1]) * 1e-6
+    return float("nan")
+
+
+def _kthread_seconds() -> float:
+    """CPU seconds used so far by the live kernel threads (children of kthreadd, pid 2)."""
+    total = 0
+    for d in os.listdir("/proc"):
+        if not d.isdigit():
+            continue
+        try:
+            f = Path(f"/proc/{d}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if f[1] == "2" or d == "2":
+            total += int(f[11]) + int(f[12])
+    return total / CLK
+
+
+def _sectors_written() -> tuple[int, int]:
+    """512-byte sectors written: (whole physical disks, loop devices), from /proc/diskstats."""
+    disks = loops = 0
+    for line in Path("/proc/diskstats").read_text().splitlines():
+        f = line.split()
+        name = f[2]
+        if name.startswith("loop"):
+            loops += int(f[9])
+        elif (not name.startswith(("ram", "dm-", "zram", "sr"))
+              and os.path.exists(f"/sys/block/{name}")):
+            disks += int(f[9])
+    return disks, loops
 
 
 def proc_cpu(pid: int) -> float:
     """CPU seconds (user + system) a process has used."""
     stat = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(stat[11]) + int(stat[12])) / os.sysconf("SC_CLK_TCK")
+    return (int(stat[11]) + int(stat[12])) / CLK
+
+
+def snapshot(rig: Rig, ids: dict[str, str]) -> dict[str, float]:
+    """Counters whose differences say where the host's time went during a block."""
+    f = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    disk, loop = _sectors_written()
+    return {"wall": time.perf_counter(), "busy": (sum(f[:8]) - f[3] - f[4]) / CLK,
+            "iowait": f[4] / CLK, "alice": _cg_seconds(ids["alice"]),
+            "bob": _cg_seconds(ids["bob"]), "containers": _cg_seconds(""),
+            "kthreads": _kthread_seconds(), "gateway": proc_cpu(rig.gateway_pid()),
+            "disk_write": disk * 512 / MIB, "loop_write": loop * 512 / MIB}
 
 
 @dataclass
@@ -203,10 +251,7 @@ class Phase:
 
     times: list[float] = field(default_factory=list)
     failures: list[str] = field(default_factory=list)
-    busy: int = 0
-    iowait: int = 0
-    total: int = 0
-    gateway_cpu: float = 0.0
+    use: dict[str, float] = field(default_factory=lambda: dict.fromkeys(FIELDS, 0.0))
 
     @property
     def p50(self) -> float:
@@ -215,6 +260,11 @@ class Phase:
     @property
     def p95(self) -> float:
         return percentile(self.times, 95)
+
+    def per_second(self, key: str) -> float:
+        """CPU seconds per second (cores busy) or MiB/s over the phase's blocks."""
+        wall = self.use["wall"]
+        return self.use[key] / wall if wall else float("nan")
 
 
 @dataclass
@@ -225,19 +275,17 @@ class Outcome:
     notes: list[str] = field(default_factory=list)
 
 
-def sample_block(rig: Rig, bob: Contender, n: int, phase: Phase) -> None:
-    b0, w0, t0 = cpu_times()
-    g0 = proc_cpu(rig.gateway_pid())
+def sample_block(rig: Rig, ids: dict[str, str], n: int, phase: Phase) -> None:
+    bob = rig.contenders["gateway"]
+    before = snapshot(rig, ids)
     for _ in range(n):
         try:
             phase.times.append(run(bob.ssh("bob", "true"), "bob's login", timeout=60))
         except BenchError as exc:
             phase.failures.append(str(exc)[:200])
-    b1, w1, t1 = cpu_times()
-    phase.busy += b1 - b0
-    phase.iowait += w1 - w0
-    phase.total += t1 - t0
-    phase.gateway_cpu += proc_cpu(rig.gateway_pid()) - g0
+    after = snapshot(rig, ids)
+    for k in FIELDS:
+        phase.use[k] += after[k] - before[k]
 
 
 def blocks(n: int, rounds: int) -> list[int]:
@@ -260,18 +308,19 @@ def cleanup(gw: Contender, timeout: float = 60) -> None:
     raise BenchError(f"alice's abuse processes did not go away: {last[-300:]}")
 
 
-def measure_abuse(rig: Rig, abuse: Abuse, args: argparse.Namespace) -> Outcome:
+def measure_abuse(rig: Rig, ids: dict[str, str], abuse: Abuse,
+                  args: argparse.Namespace) -> Outcome:
     gw = rig.contenders["gateway"]
     out = Outcome(abuse)
     for i, n in enumerate(blocks(args.samples, args.rounds)):
-        sample_block(rig, gw, n, out.quiet)
+        sample_block(rig, ids, n, out.quiet)
         session = Session(gw.ssh("alice", wrap(abuse, args.bound)))
         try:
             go = session.wait_go(args.ramp_timeout)
             if i == 0:
                 out.notes.append(go)
             time.sleep(args.settle)
-            sample_block(rig, gw, n, out.noisy)
+            sample_block(rig, ids, n, out.noisy)
         finally:
             code = session.stop()
             cleanup(gw)
@@ -305,19 +354,20 @@ def table(outcomes: list[Outcome]) -> str:
 
 
 def host_table(outcomes: list[Outcome]) -> str:
-    def pct(part: int, total: int) -> str:
-        return f"{100 * part / total:.0f} %" if total else "?"
-
-    lines = ["| abuse | host CPU busy quiet / noisy | iowait quiet / noisy | gateway CPU per "
-             "login quiet / noisy | what alice's abuse printed |",
-             "| --- | ---: | ---: | ---: | --- |"]
+    """Where the host's two cores (and its disk) went while bob logged in."""
+    lines = ["| abuse | phase | host CPU busy | iowait | alice's container | bob's container "
+             "| all other containers | kernel threads | gateway | disk writes (loop) "
+             "| what alice's abuse printed |",
+             "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |"]
     for o in outcomes:
-        q, z = o.quiet, o.noisy
-        gq = q.gateway_cpu / max(len(q.times), 1) * 1000
-        gz = z.gateway_cpu / max(len(z.times) + len(z.failures), 1) * 1000
-        lines.append(f"| {o.abuse.key} | {pct(q.busy, q.total)} / {pct(z.busy, z.total)} | "
-                     f"{pct(q.iowait, q.total)} / {pct(z.iowait, z.total)} | {gq:.0f} / "
-                     f"{gz:.0f} ms | {'; '.join(o.notes)} |")
+        for name, ph in (("quiet", o.quiet), ("noisy", o.noisy)):
+            c = {k: ph.per_second(k) for k in FIELDS if k != "wall"}
+            others_ = c["containers"] - c["alice"] - c["bob"]
+            lines.append(
+                f"| {o.abuse.key} | {name} | {c['busy']:.2f} cores | {c['iowait']:.2f} | "
+                f"{c['alice']:.2f} | {c['bob']:.2f} | {others_:.2f} | {c['kthreads']:.2f} | "
+                f"{c['gateway']:.2f} | {c['disk_write']:.0f} ({c['loop_write']:.0f}) MiB/s | "
+                f"{'; '.join(o.notes) if name == 'noisy' else ''} |")
     return "\n".join(lines)
 
 
@@ -420,6 +470,8 @@ def main(argv: list[str] | None = None) -> int:
         gw = rig.contenders["gateway"]
         for user in ("alice", "bob"):
             run(gw.ssh(user, "true"), f"{user}'s first login", timeout=600)
+        ids = {u: docker("inspect", "-f", "{{.Id}}", rig.gateway_container(u)).strip()
+               for u in ("alice", "bob")}
         if any(a.key == "docker" for a in chosen):
             run(gw.ssh("alice", PROBE_IMAGE), "alice's probe image", timeout=300)
         cleanup(gw)
@@ -429,7 +481,7 @@ def main(argv: list[str] | None = None) -> int:
             t0 = time.perf_counter()
             say(f"{abuse.key}: {abuse.title} …")
             try:
-                o = measure_abuse(rig, abuse, args)
+                o = measure_abuse(rig, ids, abuse, args)
             except BenchError as exc:  # the others can still be measured
                 print(f"bench noisy: {abuse.key} FAILED: {exc}", file=sys.stderr, flush=True)
                 status = 1
