@@ -199,9 +199,9 @@ def _cg_seconds(cid: str) -> float:
     return float("nan")
 
 
-def _kthread_seconds() -> float:
-    """CPU seconds used so far by the live kernel threads (children of kthreadd, pid 2)."""
-    total = 0
+def _kthread_ticks() -> dict[int, int]:
+    """CPU ticks so far of each live kernel thread (kthreadd, pid 2, and its children)."""
+    ticks = {}
     for d in os.listdir("/proc"):
         if not d.isdigit():
             continue
@@ -210,8 +210,13 @@ def _kthread_seconds() -> float:
         except OSError:
             continue
         if f[1] == "2" or d == "2":
-            total += int(f[11]) + int(f[12])
-    return total / CLK
+            ticks[int(d)] = int(f[11]) + int(f[12])
+    return ticks
+
+
+def _kthread_seconds(before: dict[int, int], after: dict[int, int]) -> float:
+    """What the kernel threads used in between (threads that came and went are missed)."""
+    return sum(t - before.get(pid, 0) for pid, t in after.items()) / CLK
 
 
 def _sectors_written() -> tuple[int, int]:
@@ -241,7 +246,7 @@ def snapshot(rig: Rig, ids: dict[str, str]) -> dict[str, float]:
     return {"wall": time.perf_counter(), "busy": (sum(f[:8]) - f[3] - f[4]) / CLK,
             "iowait": f[4] / CLK, "alice": _cg_seconds(ids["alice"]),
             "bob": _cg_seconds(ids["bob"]), "containers": _cg_seconds(""),
-            "kthreads": _kthread_seconds(), "gateway": proc_cpu(rig.gateway_pid()),
+            "kthreads": 0.0, "gateway": proc_cpu(rig.gateway_pid()),
             "disk_write": disk * 512 / MIB, "loop_write": loop * 512 / MIB}
 
 
@@ -277,13 +282,14 @@ class Outcome:
 
 def sample_block(rig: Rig, ids: dict[str, str], n: int, phase: Phase) -> None:
     bob = rig.contenders["gateway"]
-    before = snapshot(rig, ids)
+    before, kt0 = snapshot(rig, ids), _kthread_ticks()
     for _ in range(n):
         try:
             phase.times.append(run(bob.ssh("bob", "true"), "bob's login", timeout=60))
         except BenchError as exc:
             phase.failures.append(str(exc)[:200])
     after = snapshot(rig, ids)
+    after["kthreads"] = _kthread_seconds(kt0, _kthread_ticks())
     for k in FIELDS:
         phase.use[k] += after[k] - before[k]
 
