@@ -381,7 +381,7 @@ def others() -> str:
     """Other gateways and test runs on this machine (they share its two cores with us)."""
     found = []
     for d in os.listdir("/proc"):
-        if not d.isdigit() or int(d) == os.getpid():
+        if not d.isdigit() or int(d) in (os.getpid(), os.getppid()):
             continue
         try:
             cmd = Path(f"/proc/{d}/cmdline").read_bytes().replace(b"\0", b" ").decode()
