@@ -1,4 +1,8 @@
-"""`python -m bench [--quick] [--out FILE]`: set up, measure, tear down, report."""
+"""`python -m bench [--quick] [--out FILE]`: set up, measure, tear down, report.
+
+`python -m bench noisy [--samples N]`: bob's warm login while alice abuses her caps
+(bench/noisy.py).
+"""
 
 from __future__ import annotations
 
@@ -100,6 +104,10 @@ def _interrupt(signum: int, frame: object) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["noisy"]:  # bob's warm login while alice abuses her caps: bench/noisy.py
+        from . import noisy
+        return noisy.main(argv[1:])
     args = build_parser().parse_args(argv)
     plan = make_plan(args)
     out = None if args.no_out else (args.out or (None if args.quick else DEFAULT_OUT))

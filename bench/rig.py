@@ -128,6 +128,15 @@ def remove_labelled(prefix: str, *extra: str) -> None:
         docker("volume", "rm", "-f", *vols, check=False)
 
 
+def unmount_under(path: Path) -> None:
+    """Unmount whatever is mounted below path (the gateway's loop-mounted quota disks)."""
+    base = os.fspath(path.resolve()) + "/"
+    with open("/proc/self/mountinfo") as fh:
+        points = [line.split()[4] for line in fh if line.split()[4].startswith(base)]
+    for point in sorted(points, reverse=True):
+        subprocess.run(["umount", point], capture_output=True, check=False)
+
+
 ACCOUNT_COMMENT = "dind-gateway bench (temporary)"
 
 
@@ -212,6 +221,8 @@ class Rig:
     gateway_args: list[str] = field(default_factory=list)
     gateway_root: Path = ROOT  # the directory `gateway/` is imported from
     security_profile: str = "hardened"  # for the gateway and the raw/DIY containers alike
+    # Per-user caps in users.yaml syntax, over LIMITS (e.g. {"alice": {"disk": "2g"}}).
+    limits: dict[str, dict[str, object]] = field(default_factory=dict)
 
     # --- names ------------------------------------------------------------------------------
 
@@ -230,10 +241,17 @@ class Rig:
 
     # --- set-up -------------------------------------------------------------------------------
 
-    def start(self) -> None:
+    def start(self, baselines: bool = True) -> None:
+        """Keys, the gateway and (unless baselines=False) the DIY and plain sshd."""
         os.chmod(self.tmp, 0o755)
         (self.tmp / "bench.pid").write_text(f"{os.getpid()}\n")
         docker("image", "inspect", self.image)
+        if not baselines:  # no account, no sshd: nothing of another run's to sweep either
+            self._make_keys()
+            port = free_port()
+            self._start_gateway(port)
+            self.contenders = {"gateway": Contender("gateway", port, self.keys)}
+            return
         if not os.access(SSHD, os.X_OK):
             raise BenchError(f"{SSHD} missing: apt-get install openssh-server")
         sweep_stale_runs()
@@ -287,7 +305,8 @@ class Rig:
                        cmd: list[str] | None = None, env: dict[str, str] | None = None) -> None:
         d = self.tmp / name
         d.mkdir()
-        users = {u: {"keys": [self._pub(u)], **LIMITS} for u in self.users}
+        users = {u: {"keys": [self._pub(u)], **LIMITS, **self.limits.get(u, {})}
+                 for u in self.users}
         (d / "users.yaml").write_text(yaml.safe_dump({"users": users}, sort_keys=False))
         settings = {"listen": f"127.0.0.1:{port}", "users_file": "users.yaml",
                     "state_dir": "state", "image": self.image, "prefix": self.prefix,
@@ -484,6 +503,7 @@ class Rig:
                     proc.kill()
                     proc.wait()
         remove_labelled(self.prefix)
+        unmount_under(self.tmp)  # users with `disk:` have quota disks under the state dir
         if self.account_made:
             subprocess.run(["userdel", "--force", self.account], capture_output=True)
         shutil.rmtree(self.tmp, ignore_errors=True)

@@ -50,3 +50,34 @@ def test_bench_quick(docker_client: docker.DockerClient, tmp_path: Path) -> None
     assert docker_client.containers.list(all=True, filters=flt) == []
     assert docker_client.volumes.list(filters=flt) == []
     assert docker_client.networks.list(filters=flt) == []
+
+
+ABUSES = ("cpu", "forkbomb", "memory", "disk", "docker")
+
+
+def test_bench_noisy_quick(docker_client: docker.DockerClient) -> None:
+    """`python -m bench noisy` end to end with 2 + 2 samples and small caps.
+
+    Checks that every abuse reached its cap (printed `go`) and produced a numeric row, and that
+    nothing is left; whether bob's latency met the 1.5× target is NOT asserted.
+    """
+    p = subprocess.run([sys.executable, "-m", "bench", "noisy", "--samples", "2", "--rounds",
+                        "1", "--memory", "256m", "--disk", "300m", "--image", IMAGE],
+                       cwd=ROOT, capture_output=True, text=True, timeout=600,
+                       stdin=subprocess.DEVNULL)
+    output = p.stdout + p.stderr
+    assert p.returncode == 0, output[-4000:]
+    for abuse in ABUSES:
+        row = (rf"^\| {abuse} \| 2\+2 \|(?: {NUM} s \|){{4}}(?: {NUM}× \|){{2}} \d+ \|"
+               r" (met|\*\*not met\*\*) \| (met|\*\*not met\*\*) \|$")
+        assert re.search(row, p.stdout, re.M), f"no row for {abuse}:\n{output[-4000:]}"
+    assert re.search(r"^\| forkbomb \|.*\| go \d+ forks, then errno 11 \|$", p.stdout, re.M)
+    assert re.search(r"^\| disk \|.*\| go \(No space left on device\) \|$", p.stdout, re.M)
+    prefix = re.search(r"prefix (dgwnoisy-[0-9a-f]+)", p.stdout).group(1)
+    flt = {"label": f"dind-gateway.instance={prefix}"}
+    assert docker_client.containers.list(all=True, filters=flt) == []
+    assert docker_client.volumes.list(filters=flt) == []
+    assert docker_client.networks.list(filters=flt) == []
+    tmp = re.search(r"temp dir (\S+)", p.stdout).group(1)
+    assert not Path(tmp).exists()
+    assert tmp not in Path("/proc/self/mountinfo").read_text()
