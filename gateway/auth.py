@@ -112,6 +112,15 @@ def _check_permitopen(value: str) -> None:
         parse_port(port, allow_zero=False)
 
 
+def _check_permitlisten(value: str) -> None:
+    _, _, port = value.rpartition(":")
+    if port != "*":
+        try:
+            parse_port(port, allow_zero=False)
+        except ValueError:
+            raise ValueError(f'permitlisten="{value}" must be [host:]port') from None
+
+
 def _diagnose_key(text: str) -> str:
     """Say why a ``type base64 [comment]`` part did not import (asyncssh's text is vague)."""
     parts = text.split()
@@ -198,6 +207,23 @@ class AuthorizedKey:
     def allows_port_forwarding(self) -> bool:
         """Whether this key may use ``ssh -L`` at all (see also ``permitopen``)."""
         return self._allows("port-forwarding")
+
+    @property
+    def allows_agent_forwarding(self) -> bool:
+        """Whether this key may forward the client's ssh-agent (``ssh -A``)."""
+        return self._allows("agent-forwarding")
+
+    @property
+    def permitlisten(self) -> list[tuple[str | None, int]] | None:
+        """Allowed ``ssh -R`` listen ports (host None: any); None means no restriction."""
+        values = self.options.get("permitlisten")
+        if values is None:
+            return None
+        out = []
+        for value in values:
+            host, _, port = value.rpartition(":")
+            out.append((host or None, 0 if port == "*" else int(port)))
+        return out
 
     @property
     def forced_command(self) -> str | None:
@@ -292,6 +318,8 @@ def parse_authorized_key(text: str, line: int | None = None) -> AuthorizedKey:
         _check_from(value)
     for value in raw_options.get("permitopen", ()):
         _check_permitopen(value)
+    for value in raw_options.get("permitlisten", ()):
+        _check_permitlisten(value)
     for value in raw_options.get("environment", ()):
         name = value.split("=", 1)[0]
         if "=" not in value or not _ENV_NAME_RE.fullmatch(name):

@@ -8,7 +8,9 @@ from .base import (
     Limits,
     Process,
     ProcessSpec,
+    UnixListener,
 )
 
 __all__ = ["Backend", "BackendError", "EnvState", "EnvStats", "Limits", "Process",
-           "ProcessSpec"]
+           "ProcessSpec",
+           "UnixListener"]

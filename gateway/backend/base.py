@@ -94,6 +94,15 @@ class ProcessSpec:
     shell: str | None = None
 
 
+@dataclass
+class UnixListener:
+    """A listening unix socket whose file is inside the user's environment."""
+
+    sock: socket.socket  # listening, non-blocking, held by the gateway
+    path: str  # where her processes find it
+    cleanup: Callable[[], None]  # closes the socket and removes the file
+
+
 class Process(Protocol):
     """A process started in an environment, with its byte streams.
 
@@ -157,6 +166,16 @@ class Backend(abc.ABC):
     @abc.abstractmethod
     async def open_connection(self, user: str, port: int) -> socket.socket:
         """A connected TCP socket to `port` in the user's environment (for `ssh -L`)."""
+
+    @abc.abstractmethod
+    async def listen_tcp(self, user: str, port: int) -> socket.socket:
+        """A listening TCP socket on 127.0.0.1:port in the user's environment (`ssh -R`);
+        port 0 picks a free one."""
+
+    @abc.abstractmethod
+    async def listen_unix(self, user: str, name: str) -> UnixListener:
+        """A listening unix socket `name` in a directory of the user's own in her
+        environment (the forwarded ssh-agent)."""
 
     @abc.abstractmethod
     def aliases(self, user: str) -> set[str]:

@@ -14,6 +14,7 @@ import contextlib
 import fcntl
 import os
 import pty
+import secrets
 import shutil
 import signal as signals
 import socket
@@ -25,7 +26,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..observe.events import Events
-from .base import Backend, BackendError, EnvState, EnvStats, Limits, ProcessSpec, Progress
+from .base import (
+    Backend,
+    BackendError,
+    EnvState,
+    EnvStats,
+    Limits,
+    ProcessSpec,
+    Progress,
+    UnixListener,
+)
 
 SFTP_SERVERS = ("/usr/lib/openssh/sftp-server", "/usr/libexec/sftp-server",
                 "/usr/lib/sftp-server")
@@ -297,6 +307,34 @@ class FakeBackend(Backend):
                                f"fake {user}: connect 127.0.0.1:{port}: {exc}",
                                "connect-failed") from exc
         return sock
+
+    async def listen_tcp(self, user: str, port: int) -> socket.socket:
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind(("127.0.0.1", port))
+            sock.listen(16)
+        except OSError as exc:
+            sock.close()
+            raise BackendError(f"cannot listen on port {port}: {_reason(exc)}",
+                               f"fake {user}: listen {port}: {exc}", "listen-failed") from exc
+        sock.setblocking(False)
+        return sock
+
+    async def listen_unix(self, user: str, name: str) -> UnixListener:
+        directory = self.root / user / "run" / secrets.token_hex(8)
+        directory.mkdir(parents=True, mode=0o700)
+        path = directory / name
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.bind(str(path))
+        sock.listen(16)
+        sock.setblocking(False)
+
+        def cleanup() -> None:
+            sock.close()
+            shutil.rmtree(directory, ignore_errors=True)
+
+        return UnixListener(sock=sock, path=str(path), cleanup=cleanup)
 
     def aliases(self, user: str) -> set[str]:
         return _LOCAL_NAMES | {f"{user}-devbox", "devbox"}

@@ -224,6 +224,8 @@ _GATEWAY_SPEC: dict[str, Converter] = {
     "ban_max_seconds": _parsed(lambda v: parse_duration(v, allow_never=False),
                                what="a duration"),
     "allow_forward_to": _forward_rules,
+    "allow_agent_forwarding": _boolean,
+    "allow_remote_forwarding": _boolean,
     "user_network_pool": _parsed(_network_pool, what="an IPv4 network"),
     "ciphers": _alg_list("cipher", DEFAULT_CIPHERS),
     "kex_algorithms": _alg_list("key exchange algorithm", DEFAULT_KEX_ALGS),
@@ -268,6 +270,8 @@ class GatewayConfig:
     ban_seconds: float  # first ban; it doubles on each repeat ...
     ban_max_seconds: float  # ... up to this
     allow_forward_to: tuple[ForwardRule, ...]
+    allow_agent_forwarding: bool  # ssh -A: the client's agent as a socket in her container
+    allow_remote_forwarding: bool  # ssh -R: listeners on her container's loopback
     user_network_pool: ipaddress.IPv4Network  # carved into one /28 per user network
     ciphers: tuple[str, ...]  # SSH encryption algorithms offered
     kex_algorithms: tuple[str, ...]  # key exchange algorithms offered
@@ -337,6 +341,8 @@ _GATEWAY_DEFAULTS: dict[str, Any] = {
     "ban_seconds": "5m",
     "ban_max_seconds": "1d",
     "allow_forward_to": [],
+    "allow_agent_forwarding": True,
+    "allow_remote_forwarding": True,
     "user_network_pool": "10.213.0.0/16",
     "ciphers": list(DEFAULT_CIPHERS),
     "kex_algorithms": list(DEFAULT_KEX_ALGS),

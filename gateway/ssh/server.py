@@ -16,10 +16,12 @@ import asyncssh
 
 from ..auth import AuthorizedKey, match_key, verify_password
 from ..config import User
+from ..errors import GatewayError
 from . import forwarding
 from .context import SSHContext
 from .program import Principal
 from .session import GatewaySession
+from .tunnels import AgentRelay, RemoteForward
 
 log = logging.getLogger("dind_gateway")
 
@@ -80,6 +82,10 @@ class Connection(asyncssh.SSHServer):
         self.refused = False  # closed by the guard before the handshake
         self.authenticated = False
         self.sessions: set[GatewaySession] = set()
+        self.agent_requested = False
+        self._agent: AgentRelay | None = None
+        self._agent_lock = asyncio.Lock()
+        self._remote: set[RemoteForward] = set()
 
     # --- connection -----------------------------------------------------------------
 
@@ -93,12 +99,19 @@ class Connection(asyncssh.SSHServer):
             return
         self.ctx.registry.add(self)
         self.ctx.events.emit("connection.open", conn=self.id, peer=self.peer)
+        # asyncssh would listen for the forwarded agent on the gateway host, where anything
+        # running as the gateway's user could use it; ours lives in her container instead
+        conn.create_agent_listener = self._agent_forwarding_requested  # type: ignore[method-assign]
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.ctx.guard.closed(self.id)
         if self.refused:
             return
         self.ctx.registry.discard(self)
+        if self._agent is not None:
+            self._agent.close()
+        for listener in list(self._remote):
+            listener.close()
         if self.authenticated:
             self.ctx.registry.activity.connection_closed(self.user.name)
         self.ctx.events.emit("connection.close", conn=self.id, peer=self.peer,
@@ -230,11 +243,74 @@ class Connection(asyncssh.SSHServer):
                              orig_port: int) -> object:
         return forwarding.direct_tcpip(self, dest_host, dest_port)
 
-    def server_requested(self, listen_host: str, listen_port: int) -> bool:
-        """Remote forwarding (-R) is not offered (yet); the refusal is audited."""
-        log.warning("[%s] remote forward refused: user=%s %s:%s", self.tag, self.user.name,
-                    listen_host, listen_port)
-        self.ctx.events.emit("forward.refused", conn=self.id, user=self.user.name,
-                             host=listen_host, port=listen_port, direction="remote",
-                             reason="remote forwarding is not offered")
-        return False
+    def server_requested(self, listen_host: str, listen_port: int) -> object:
+        """`ssh -R port:…`: a listener on 127.0.0.1:port *in her container* (as sshd's
+        GatewayPorts=no), ending with this connection.  Her processes, and her inner containers
+        through the host gateway address, reach the client's service there."""
+        def refuse(reason: str) -> bool:
+            log.warning("[%s] remote forward refused: user=%s %s:%s: %s", self.tag,
+                        self.user.name, listen_host, listen_port, reason)
+            self.ctx.events.emit("forward.refused", conn=self.id, user=self.user.name,
+                                 host=listen_host, port=listen_port, direction="remote",
+                                 reason=reason)
+            return False
+
+        if not self.ctx.config.allow_remote_forwarding:
+            return refuse("remote forwarding is disabled on this gateway")
+        if not self.key_allows("port-forwarding"):
+            return refuse("port forwarding is disabled for this key")
+        allowed = self.key.permitlisten if self.key is not None else None
+        if allowed is not None and not any(p in (0, listen_port) and h in (None, listen_host)
+                                           for h, p in allowed):
+            return refuse(f"{listen_host}:{listen_port} is not in this key's permitlisten")
+        if 0 < listen_port < 1024:
+            return refuse("ports below 1024 are privileged")
+
+        async def listen() -> object:
+            assert self.conn is not None
+            try:
+                await self.ctx.ensure(self.user)
+                sock = await self.ctx.backend.listen_tcp(self.user.name, listen_port)
+            except GatewayError as exc:
+                return refuse(exc.user_message)
+            forward = await RemoteForward(self.conn, sock, listen_host,
+                                          on_close=self._remote.discard).start()
+            self._remote.add(forward)
+            log.info("[%s] remote forward: user=%s %s:%s -> client", self.tag, self.user.name,
+                     listen_host, forward.get_port())
+            self.ctx.events.emit("forward.open", conn=self.id, user=self.user.name,
+                                 host=listen_host, port=forward.get_port(), direction="remote",
+                                 target="client")
+            return forward
+
+        return listen()
+
+    # --- agent forwarding -----------------------------------------------------------------
+
+    async def _agent_forwarding_requested(self) -> bool:
+        """The client asked for `ssh -A`; the socket is made once a session needs it."""
+        allowed = self.ctx.config.allow_agent_forwarding and (
+            self.key is None or self.key.allows_agent_forwarding)
+        if not allowed:
+            reason = ("agent forwarding is disabled on this gateway"
+                      if not self.ctx.config.allow_agent_forwarding
+                      else "agent forwarding is disabled for this key")
+            log.info("[%s] agent forwarding refused for %s: %s", self.tag, self.user.name,
+                     reason)
+            self.ctx.events.emit("agent.refused", conn=self.id, user=self.user.name,
+                                 reason=reason)
+            return False
+        self.agent_requested = True
+        return True
+
+    async def agent_socket(self) -> str | None:
+        """SSH_AUTH_SOCK in her environment for this connection's sessions, or None."""
+        if not self.agent_requested or self.conn is None:
+            return None
+        async with self._agent_lock:
+            if self._agent is None:
+                listener = await self.ctx.backend.listen_unix(self.user.name, "agent.sock")
+                self._agent = await AgentRelay(self.conn, listener).start()
+                self.ctx.events.emit("agent.forward", conn=self.id, user=self.user.name,
+                                     path=self._agent.path)
+        return self._agent.path

@@ -166,7 +166,11 @@ class GatewaySession(asyncssh.SSHServerSession):
                                      term_type=self._term_type, size=self._size,
                                      client_env=self._chan.get_environment(),
                                      ssh_connection=conn.ssh_connection)
-            spec = program(request, conn.principal, ctx.backend.environment(user.name))
+            env = ctx.backend.environment(user.name)
+            agent = await conn.agent_socket()
+            if agent is not None:
+                env["SSH_AUTH_SOCK"] = agent
+            spec = program(request, conn.principal, env)
             self._proc = await ctx.backend.start(spec)
             if self._tty:
                 background(self._proc.resize(self._size[1], self._size[0]))

@@ -82,6 +82,7 @@ class RemoteForward(asyncssh.SSHListener):
         if self._on_close is not None:
             self._on_close(self)
             self._on_close = None
+        self._sock.close()
 
     async def wait_closed(self) -> None:
         if self._server is not None:
@@ -107,13 +108,39 @@ class AgentRelay:
 
     async def _accepted(self, reader: asyncio.StreamReader,
                         writer: asyncio.StreamWriter) -> None:
+        # asyncssh's open_agent_connection() insists on its own (host-side) listener, so the
+        # agent channel is opened directly; agent messages are small, one bridge each way
+        chan = self._conn.create_agent_channel()
         try:
-            upstream = await self._conn.open_agent_connection()
+            await chan.open(lambda: _ToSocket(writer))
         except (asyncssh.Error, OSError) as exc:
             log.info("agent connection refused by the client: %s", exc)
             writer.close()
             return
-        await splice((reader, writer), upstream)
+        try:
+            while data := await reader.read(_CHUNK):
+                chan.write(data)
+            chan.write_eof()
+        except (OSError, asyncssh.Error):
+            chan.close()
+
+
+class _ToSocket(asyncssh.SSHUNIXSession[bytes]):
+    """Agent channel → her socket."""
+
+    def __init__(self, writer: asyncio.StreamWriter) -> None:
+        self._writer = writer
+
+    def data_received(self, data: bytes, datatype: asyncssh.DataType) -> None:
+        self._writer.write(data)
+
+    def eof_received(self) -> bool:
+        if self._writer.can_write_eof():
+            self._writer.write_eof()
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._writer.close()
 
     def close(self) -> None:
         if self._server is not None:

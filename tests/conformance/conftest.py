@@ -20,7 +20,7 @@ import pytest
 from gateway.app import App
 from gateway.config import load_gateway_config
 
-from ..conftest import GatewayProc, remove_labelled, unmount_under
+from ..conftest import GatewayProc, pubkey, remove_labelled, unmount_under
 
 BACKENDS = os.environ.get("DGW_CONFORMANCE_BACKENDS", "fake,docker").split(",")
 
@@ -36,6 +36,14 @@ class InProcessGateway(GatewayProc):
         self.app: App | None = None
         self._loop = asyncio.new_event_loop()
         self._thread: threading.Thread | None = None
+
+    def default_users(self) -> dict[str, dict]:
+        """alice..erin as everywhere, plus frank: a key without agent forwarding that may
+        listen (-R) on port 7000 only."""
+        users = super().default_users()
+        users["frank"] = {"keys": [f'no-agent-forwarding,permitlisten="7000" '
+                                   f'{pubkey(self.keys["alice2"])}']}
+        return users
 
     def start(self, timeout: float = 30) -> None:
         import yaml

@@ -239,7 +239,7 @@ def test_git_protocol_is_accepted(live: InProcessGateway) -> None:
 def test_refusals_are_audited(live: InProcessGateway) -> None:
     """A refused -R and a refused forward leave an audit event each, with the reason."""
     audit = live.dir / "state" / "audit.log"
-    r = live.ssh("bob", "true", opts=("-o", "ExitOnForwardFailure=yes", "-R", "9999:localhost:22"))
+    r = live.ssh("bob", "true", opts=("-o", "ExitOnForwardFailure=yes", "-R", "80:localhost:22"))
     assert r.returncode != 0, r.stderr
 
     async def elsewhere() -> None:
@@ -257,8 +257,9 @@ def test_refusals_are_audited(live: InProcessGateway) -> None:
                 if e["event"] == "forward.refused" and e.get("user") == "bob"]
 
     assert wait_for(lambda: len(refused()) >= 2, 10), refused()
-    kinds = {(e.get("direction", "local"), e["port"]) for e in refused()}
-    assert {("remote", 9999), ("local", 81)} <= kinds
+    kinds = {(e.get("direction", "local"), e["port"], e["reason"]) for e in refused()}
+    assert ("remote", 80, "ports below 1024 are privileged") in kinds, kinds
+    assert any(k[:2] == ("local", 81) for k in kinds), kinds
 
 
 def _serve_http_on_loopback(live: InProcessGateway, user: str, port: int) -> subprocess.Popen:
@@ -327,3 +328,76 @@ def test_client_gone_ends_its_session(live: InProcessGateway) -> None:
         client.wait(10)
         live.ssh("alice", f"pkill -f 'slee[p] {n}' ; pkill -f 'slee[p] {n + 1}$'; "
                           f"pkill -f 'slee[p] {n + 2}$'; true")
+
+
+def test_remote_forward_reaches_the_client_from_inside(live: InProcessGateway) -> None:
+    """`ssh -R P:127.0.0.1:L`: inside her environment 127.0.0.1:P is the client's service;
+    the listener ends with the connection; a key's permitlisten is honoured."""
+    import http.server
+
+    class Hello(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:  # noqa: N802 - the http.server API
+            body = b"from-the-laptop\n"
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    laptop = http.server.HTTPServer(("127.0.0.1", 0), Hello)
+    threading.Thread(target=laptop.serve_forever, daemon=True).start()
+    local, port = laptop.server_address[1], free_port()
+    fetch = (f"for i in $(seq 100); do curl -sf http://127.0.0.1:{port}/ && exit 0; "
+             "sleep 0.1; done; exit 1")
+    try:
+        r = live.ssh("alice", fetch, opts=("-o", "ExitOnForwardFailure=yes",
+                                           "-R", f"{port}:127.0.0.1:{local}"))
+        assert r.returncode == 0 and r.stdout == b"from-the-laptop\n", r.stderr
+        gone = live.ssh("alice", f"curl -s --max-time 3 http://127.0.0.1:{port}/")
+        assert gone.returncode != 0 and gone.stdout == b"", gone.stdout
+        r = live.ssh("frank", "true", key="alice2",
+                     opts=("-o", "ExitOnForwardFailure=yes", "-R", f"7001:127.0.0.1:{local}"))
+        assert r.returncode != 0, r.stderr
+        r = live.ssh("frank", fetch.replace(str(port), "7000"), key="alice2",
+                     opts=("-o", "ExitOnForwardFailure=yes", "-R", f"7000:127.0.0.1:{local}"))
+        assert r.returncode == 0 and r.stdout == b"from-the-laptop\n", r.stderr
+    finally:
+        laptop.shutdown()
+
+
+def test_agent_forwarding_into_the_environment(live: InProcessGateway, tmp_path) -> None:
+    """`ssh -A`: ssh-add inside sees the client's key through a socket in her environment
+    (hers alone), none on the gateway host; a key with no-agent-forwarding gets none."""
+    import glob
+    import tempfile
+
+    sock = tmp_path / "agent.sock"
+    agent = subprocess.Popen(["ssh-agent", "-D", "-a", str(sock)], stdout=subprocess.DEVNULL)
+    try:
+        assert wait_for(sock.exists, 10)
+        env = {**os.environ, "SSH_AUTH_SOCK": str(sock)}
+        subprocess.run(["ssh-add", "-q", str(live.keys["other"])], env=env, check=True,
+                       capture_output=True)
+        fingerprint = subprocess.run(["ssh-keygen", "-lf", str(live.keys["other"])],
+                                     capture_output=True, text=True).stdout.split()[1]
+        before = set(glob.glob(os.path.join(tempfile.gettempdir(), "asyncssh-*")))
+        r = subprocess.run(live.ssh_args("alice", None, "-A") + [
+            'ssh-add -l; stat -c "%U %a" "$SSH_AUTH_SOCK" "$(dirname "$SSH_AUTH_SOCK")"'],
+            env=env, capture_output=True, text=True, timeout=60)
+        assert r.returncode == 0, r.stderr
+        lines = r.stdout.splitlines()
+        assert fingerprint in lines[0], (r.stdout, r.stderr)
+        # her directory, hers alone (the fake backend's processes are the gateway's user)
+        owner = "alice" if live.kind == "docker" else __import__("getpass").getuser()
+        assert lines[2].split() == [owner, "700"], r.stdout
+        assert lines[1].split()[0] == owner, r.stdout
+        assert set(glob.glob(os.path.join(tempfile.gettempdir(), "asyncssh-*"))) == before
+        r = subprocess.run(live.ssh_args("frank", "alice2", "-A") + [
+            'echo "${SSH_AUTH_SOCK-none}"; ssh-add -l'],
+            env=env, capture_output=True, text=True, timeout=60)
+        assert r.stdout.splitlines()[0] == "none" and r.returncode != 0, (r.stdout, r.stderr)
+    finally:
+        agent.terminate()
+        agent.wait(10)

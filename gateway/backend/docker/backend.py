@@ -8,10 +8,12 @@ wrapper and signal delivery (`process`) and pre-started execs (`spares`).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ipaddress
 import json
 import logging
 import os
+import secrets
 import socket
 import time
 from collections.abc import Callable
@@ -21,7 +23,15 @@ from typing import Any
 
 from ...aio import background
 from ...observe.events import Events
-from ..base import Backend, BackendError, EnvState, EnvStats, Limits, ProcessSpec
+from ..base import (
+    Backend,
+    BackendError,
+    EnvState,
+    EnvStats,
+    Limits,
+    ProcessSpec,
+    UnixListener,
+)
 from .disks import DiskError, Disks
 from .engine import DockerClient, DockerError
 from .netns import NamespaceSockets
@@ -234,6 +244,41 @@ class DockerBackend(Backend):
                                f"{user}: connect {target[0]}:{port}: {exc}",
                                "connect-failed") from exc
         return sock
+
+    async def listen_tcp(self, user: str, port: int) -> socket.socket:
+        """A listening socket on 127.0.0.1:port in her container's network namespace."""
+        info = await self.docker.inspect_container(self.container_name(user))
+        state = self._state(user, info)
+        pid = int((info or {}).get("State", {}).get("Pid") or 0)
+        if not state.running or not pid:
+            raise BackendError("your container is not running", f"{user}: not running",
+                               "not-running")
+        try:
+            sock = await self.netns.tcp_socket(pid, state.container_id)
+        except PermissionError as exc:
+            raise BackendError("remote forwarding is not available on this server",
+                               f"cannot enter network namespaces: {exc}", "no-netns") from exc
+        except (ProcessLookupError, FileNotFoundError) as exc:
+            raise BackendError("your container is restarting; try again", str(exc),
+                               "not-running") from exc
+        return _bind_listen(sock, port)
+
+    async def listen_unix(self, user: str, name: str) -> UnixListener:
+        """A socket file `name` in a fresh directory under /run/dgw in her container, hers
+        alone (0700 directory, 0600 socket).  Made from the host through /proc/<pid>/root one
+        directory at a time without following links, below /run, which only root may write:
+        nothing she controls can point it elsewhere."""
+        info = await self.docker.inspect_container(self.container_name(user))
+        state = self._state(user, info)
+        pid = int((info or {}).get("State", {}).get("Pid") or 0)
+        if not state.running or not pid:
+            raise BackendError("your container is not running", f"{user}: not running",
+                               "not-running")
+        try:
+            return await asyncio.to_thread(_unix_listener, pid, state.container_id, user, name)
+        except OSError as exc:
+            raise BackendError("the socket could not be made in your container",
+                               f"{user}: unix listener: {exc}", "unix-listener") from exc
 
     def aliases(self, user: str) -> set[str]:
         return _LOCAL_NAMES | {f"{user}-devbox", self.container_name(user), "devbox"}
@@ -523,3 +568,75 @@ def _uptime(started: str) -> float | None:
 def _reason(exc: OSError) -> str:
     """"Connection refused", not asyncio's "Connect call failed (...)"."""
     return os.strerror(exc.errno) if exc.errno else str(exc)
+
+
+_DIR = os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+
+
+def _bind_listen(sock: socket.socket, port: int) -> socket.socket:
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(("127.0.0.1", port))
+        sock.listen(64)
+    except OSError as exc:
+        sock.close()
+        raise BackendError(f"cannot listen on port {port}: {_reason(exc)}",
+                           f"listen 127.0.0.1:{port}: {exc}", "listen-failed") from exc
+    return sock
+
+
+def _unix_listener(pid: int, container_id: str, user: str, name: str) -> UnixListener:
+    """See DockerBackend.listen_unix; runs in a worker thread (blocking file calls)."""
+    fds: list[int] = []
+
+    def opendir(parent: int | None, path: str, flags: int = _DIR) -> int:
+        fd = os.open(path, flags, dir_fd=parent)
+        fds.append(fd)
+        return fd
+
+    try:
+        # her root through the magic link (followed on purpose), then nothing else followed
+        root = opendir(None, f"/proc/{pid}/root", _DIR & ~os.O_NOFOLLOW)
+        with open(f"/proc/{pid}/cgroup") as fh:  # the PID is still that container's
+            if container_id not in fh.read():
+                raise ProcessLookupError(f"pid {pid} is not in container {container_id[:12]}")
+        home = os.stat(opendir(opendir(root, "home"), user))  # her uid/gid, whatever they are
+        run = opendir(root, "run")
+        st = os.stat(run)
+        if st.st_uid != 0 or st.st_mode & 0o022:
+            raise PermissionError("/run in the container is writable by others")
+        with contextlib.suppress(FileExistsError):
+            os.mkdir("dgw", 0o755, dir_fd=run)
+        base = opendir(run, "dgw")
+        st = os.stat(base)
+        if st.st_uid != 0 or st.st_mode & 0o022:
+            raise PermissionError("/run/dgw in the container is not root's")
+        token = secrets.token_hex(8)
+        os.mkdir(token, 0o700, dir_fd=base)
+        mine = opendir(base, token)
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.bind(f"/proc/self/fd/{mine}/{name}")
+        # the socket's own mode follows the umask; the 0700 directory is what keeps others out
+        os.chown(name, home.st_uid, home.st_gid, dir_fd=mine, follow_symlinks=False)
+        os.chown(token, home.st_uid, home.st_gid, dir_fd=base, follow_symlinks=False)
+        sock.listen(16)
+        sock.setblocking(False)
+    except BaseException:
+        for fd in fds:
+            os.close(fd)
+        raise
+    keep = (base, mine)
+    for fd in fds:
+        if fd not in keep:
+            os.close(fd)
+
+    def cleanup() -> None:
+        sock.close()
+        with contextlib.suppress(OSError):
+            os.unlink(name, dir_fd=mine)
+        with contextlib.suppress(OSError):
+            os.rmdir(token, dir_fd=base)
+        os.close(mine)
+        os.close(base)
+
+    return UnixListener(sock=sock, path=f"/run/dgw/{token}/{name}", cleanup=cleanup)
