@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import secrets
 import subprocess
 import threading
 from pathlib import Path
@@ -241,3 +242,49 @@ def test_loopback_forward_is_her_own_loopback(gateway: GatewayProc,
         bob.kill()
         bob.wait(10)
         host_server.shutdown()
+
+
+def _through_unix_forward(gw: GatewayProc, user: str, path: str, url: str,
+                          workdir: Path) -> tuple[bytes, bytes]:
+    """curl's answer through `ssh -L local.sock:path`, and ssh's stderr."""
+    local = workdir / f"fwd-{secrets.token_hex(4)}.sock"
+    tunnel = subprocess.Popen(gw.ssh_args(user, None, "-o", "LogLevel=INFO", "-N", "-L",
+                                          f"{local}:{path}"),
+                              stdin=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    err = bytearray()
+    reader = threading.Thread(target=_collect, args=(tunnel.stderr, err), daemon=True)
+    reader.start()
+    try:
+        wait_for(local.exists, 20)
+        out = subprocess.run(["curl", "-s", "--max-time", "5", "--unix-socket", str(local), url],
+                             capture_output=True).stdout
+        if not out:
+            wait_for(lambda: b"open failed" in err, 10)
+    finally:
+        tunnel.terminate()
+        tunnel.wait(10)
+        reader.join(10)
+    return out, bytes(err)
+
+
+def test_unix_forward_stays_in_her_container(gateway: GatewayProc, tmp_path: Path) -> None:
+    """A socket forward reaches sockets of hers only: her links to the host's paths resolve
+    inside her container (her own rootless daemon answers, never the host engine), and
+    nothing of bob's or root's is reachable."""
+    assert gateway.ssh("alice", "ln -sf /run/docker.sock ~/evil.sock && "
+                       "ln -sfn / ~/rootlink").returncode == 0
+    for path in ("/home/alice/evil.sock", "/home/alice/rootlink/run/docker.sock",
+                 "/proc/1/root/run/docker.sock", "/../../../run/docker.sock"):
+        out, err = _through_unix_forward(gateway, "alice", path, "http://d/info", tmp_path)
+        assert b"rootless" in out, (path, out[:300], err)  # her own daemon, not the host's
+    r = gateway.ssh("bob", "python3 -c \"import socket,os; s=socket.socket(socket.AF_UNIX); "
+                    "p=os.path.expanduser('~/bob.sock'); os.path.exists(p) and os.unlink(p); "
+                    "s.bind(p); s.listen(1)\" ; true")
+    assert r.returncode == 0
+    out, err = _through_unix_forward(gateway, "alice", "/home/bob/bob.sock", "http://d/",
+                                     tmp_path)
+    assert out == b"" and b"open failed" in err, err
+    # nothing there: refused with ssh's usual message, the gateway keeps serving
+    out, err = _through_unix_forward(gateway, "alice", "/run/dgw-no-such/agent.sock",
+                                     "http://d/", tmp_path)
+    assert out == b"" and b"open failed" in err, err

@@ -168,6 +168,11 @@ class Backend(abc.ABC):
         """A connected TCP socket to `port` in the user's environment (for `ssh -L`)."""
 
     @abc.abstractmethod
+    async def open_unix(self, user: str, path: str) -> socket.socket:
+        """A connected unix socket to a socket file of hers in her environment (`ssh -L`
+        with a socket path, as IDEs forward their server's socket)."""
+
+    @abc.abstractmethod
     async def listen_tcp(self, user: str, port: int) -> socket.socket:
         """A listening TCP socket on 127.0.0.1:port in the user's environment (`ssh -R`);
         port 0 picks a free one."""

@@ -308,6 +308,24 @@ class FakeBackend(Backend):
                                "connect-failed") from exc
         return sock
 
+    async def open_unix(self, user: str, path: str) -> socket.socket:
+        """Only below this user's directory (the fake isolates nothing else)."""
+        base, target = await asyncio.to_thread(
+            lambda: (os.path.realpath(self.root / user), os.path.realpath(path)))
+        if os.path.commonpath([base, target]) != base:
+            raise BackendError(f"cannot connect to {path}: not in your environment",
+                               f"fake {user}: {path} outside {base}", "connect-failed")
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.setblocking(False)
+        try:
+            await asyncio.get_running_loop().sock_connect(sock, str(target))
+        except OSError as exc:
+            sock.close()
+            raise BackendError(f"cannot connect to {path}: {_reason(exc)}",
+                               f"fake {user}: unix connect {path}: {exc}",
+                               "connect-failed") from exc
+        return sock
+
     async def listen_tcp(self, user: str, port: int) -> socket.socket:
         sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         try:

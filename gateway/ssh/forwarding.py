@@ -92,3 +92,26 @@ def direct_tcpip(conn: ConnectionInfo, host: str, port: int) -> object:
         return forwarder
 
     return connect()
+
+
+def direct_streamlocal(conn: ConnectionInfo, path: str) -> object:
+    """`ssh -L local:/path/in/her/container.sock` (IDEs forward their server's socket): to a
+    socket she owns in her own environment, nowhere else."""
+    if not conn.key_allows("port-forwarding"):
+        raise _refuse(conn, path, 0, "port forwarding is disabled for this key")
+
+    async def connect() -> asyncssh.SSHForwarder:
+        try:
+            await conn.ctx.ensure(conn.user)
+            sock = await conn.ctx.backend.open_unix(conn.user.name, path)
+        except GatewayError as exc:
+            raise _refuse(conn, path, 0, exc.user_message) from exc
+        _, peer = await asyncio.get_running_loop().create_unix_connection(SSHForwarder,
+                                                                          sock=sock)
+        log.info("[%s] forward: user=%s unix %s", conn.tag, conn.user.name, path)
+        conn.ctx.events.emit("forward.open", conn=conn.id, user=conn.user.name, host=path,
+                             port=0, target=f"unix:{path}")
+        conn.ctx.registry.activity.touch(conn.user.name)
+        return SSHForwarder(peer)
+
+    return connect()

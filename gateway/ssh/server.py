@@ -243,6 +243,9 @@ class Connection(asyncssh.SSHServer):
                              orig_port: int) -> object:
         return forwarding.direct_tcpip(self, dest_host, dest_port)
 
+    def unix_connection_requested(self, dest_path: str) -> object:
+        return forwarding.direct_streamlocal(self, dest_path)
+
     def server_requested(self, listen_host: str, listen_port: int) -> object:
         """`ssh -R port:…`: a listener on 127.0.0.1:port *in her container* (as sshd's
         GatewayPorts=no), ending with this connection.  Her processes, and her inner containers

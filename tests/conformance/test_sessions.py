@@ -401,3 +401,107 @@ def test_agent_forwarding_into_the_environment(live: InProcessGateway, tmp_path)
     finally:
         agent.terminate()
         agent.wait(10)
+
+
+# What VS Code Remote-SSH does on connect: `ssh -T host bash` with a script on stdin that
+# starts its server bound to 127.0.0.1 on a random port (and on a unix socket), detached, and
+# prints where; the client then tunnels to it with -L / -D or a socket forward.
+VSCODE_BOOTSTRAP = r"""
+set -e
+dir="$HOME/.vscode-server-test"
+mkdir -p "$dir"
+cat > "$dir/server.py" <<'PY'
+import http.server, os, socketserver, sys, threading
+
+class H(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):
+        body = b"vscode-server-ok\n"
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args):
+        pass
+
+class Unix(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
+    def get_request(self):
+        conn, _ = super().get_request()
+        return conn, ("unix", 0)
+
+tcp = http.server.ThreadingHTTPServer(("127.0.0.1", 0), H)
+if os.path.exists(sys.argv[1]):
+    os.unlink(sys.argv[1])
+threading.Thread(target=Unix(sys.argv[1], H).serve_forever, daemon=True).start()
+print(f"listeningOn=={tcp.server_address[1]}==", flush=True)
+tcp.serve_forever()
+PY
+nohup python3 "$dir/server.py" "$dir/code.sock" > "$dir/log" 2>&1 &
+echo "pid==$!=="
+for i in $(seq 100); do grep -q listeningOn "$dir/log" && break; sleep 0.1; done
+cat "$dir/log"
+echo "socket==$dir/code.sock=="
+"""
+
+
+def test_vscode_remote_ssh_flow(live: InProcessGateway, tmp_path) -> None:
+    import re
+
+    r = live.ssh("alice", "bash", opts=("-T",), input=VSCODE_BOOTSTRAP.encode())
+    assert r.returncode == 0, r.stderr
+    out = r.stdout.decode()
+    port = int(re.search(r"listeningOn==(\d+)==", out).group(1))
+    path = re.search(r"socket==(.+)==", out).group(1)
+    pid = re.search(r"pid==(\d+)==", out).group(1)
+    local, socks, sock = free_port(), free_port(), tmp_path / "code.sock"
+    tunnel = subprocess.Popen(
+        live.ssh_args("alice", None, "-N", "-o", "ExitOnForwardFailure=yes",
+                      "-L", f"127.0.0.1:{local}:127.0.0.1:{port}", "-D", f"127.0.0.1:{socks}",
+                      "-L", f"{sock}:{path}"), stderr=subprocess.PIPE)
+    try:
+        def get(*extra: str) -> bytes:
+            return subprocess.run(["curl", "-s", "--max-time", "5", *extra],
+                                  capture_output=True).stdout
+        assert wait_for(lambda: get(f"http://127.0.0.1:{local}/") == b"vscode-server-ok\n", 30)
+        assert get("--socks5-hostname", f"127.0.0.1:{socks}",
+                   f"http://127.0.0.1:{port}/") == b"vscode-server-ok\n"
+        assert get("--unix-socket", str(sock), "http://x/") == b"vscode-server-ok\n"
+    finally:
+        tunnel.terminate()
+        tunnel.wait(10)
+        live.ssh("alice", f"kill {pid}")
+
+
+def test_jetbrains_gateway_flow(live: InProcessGateway, tmp_path) -> None:
+    """JetBrains Gateway: upload its backend over sftp, start it with exec, reach it with -L
+    to 127.0.0.1."""
+    script = tmp_path / "backend.sh"
+    script.write_text("#!/bin/sh\nmkdir -p jb && echo jetbrains-ok > jb/index.html && "
+                      "exec python3 -u -m http.server --bind 127.0.0.1 -d jb \"$1\"\n")
+    base = live.ssh_args("alice")[1:-1]
+    r = subprocess.run(["sftp", *["-P" if a == "-p" else a for a in base], "-b", "-",
+                        "alice@127.0.0.1"], input=f"put {script} jb-backend.sh\n".encode(),
+                       capture_output=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    port = free_port()
+    backend = subprocess.Popen(live.ssh_args("alice") + [f"sh jb-backend.sh {port}"],
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        seen = [backend.stdout.readline()]
+        while b"Serving HTTP" not in seen[-1] and seen[-1] and len(seen) < 5:
+            seen.append(backend.stdout.readline())
+        assert b"Serving HTTP" in seen[-1], seen
+        local = free_port()
+        tunnel = subprocess.Popen(live.ssh_args("alice", None, "-N", "-L",
+                                                f"127.0.0.1:{local}:127.0.0.1:{port}"),
+                                  stderr=subprocess.PIPE)
+        try:
+            assert wait_for(lambda: subprocess.run(
+                ["curl", "-s", "--max-time", "3", f"http://127.0.0.1:{local}/"],
+                capture_output=True).stdout == b"jetbrains-ok\n", 30)
+        finally:
+            tunnel.terminate()
+            tunnel.wait(10)
+    finally:
+        backend.kill()
+        backend.wait(10)

@@ -8,12 +8,10 @@ wrapper and signal delivery (`process`) and pre-started execs (`spares`).
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import ipaddress
 import json
 import logging
 import os
-import secrets
 import socket
 import time
 from collections.abc import Callable
@@ -34,9 +32,9 @@ from ..base import (
 )
 from .disks import DiskError, Disks
 from .engine import DockerClient, DockerError
-from .netns import NamespaceSockets
 from .process import DockerProcess, exec_argv
 from .security import PROFILES, host_config, limit_spec
+from .sockets import NamespaceSockets, bind_listen, unix_connect, unix_listener
 from .spares import Spares, encode_header
 from .uids import LEGACY, Ids, UidError, UidMap, container_ids
 
@@ -261,7 +259,7 @@ class DockerBackend(Backend):
         except (ProcessLookupError, FileNotFoundError) as exc:
             raise BackendError("your container is restarting; try again", str(exc),
                                "not-running") from exc
-        return _bind_listen(sock, port)
+        return bind_listen(sock, port)
 
     async def listen_unix(self, user: str, name: str) -> UnixListener:
         """A socket file `name` in a fresh directory under /run/dgw in her container, hers
@@ -275,10 +273,27 @@ class DockerBackend(Backend):
             raise BackendError("your container is not running", f"{user}: not running",
                                "not-running")
         try:
-            return await asyncio.to_thread(_unix_listener, pid, state.container_id, user, name)
+            return await asyncio.to_thread(unix_listener, pid, state.container_id, user, name)
         except OSError as exc:
             raise BackendError("the socket could not be made in your container",
                                f"{user}: unix listener: {exc}", "unix-listener") from exc
+
+    async def open_unix(self, user: str, path: str) -> socket.socket:
+        """Connected to the socket file `path` in her container, if it is hers: looked up
+        from the host inside her root only (see sockets.resolve_in_root), checked to be a socket
+        owned by her, and connected through the very file checked."""
+        info = await self.docker.inspect_container(self.container_name(user))
+        state = self._state(user, info)
+        pid = int((info or {}).get("State", {}).get("Pid") or 0)
+        if not state.running or not pid:
+            raise BackendError("your container is not running", f"{user}: not running",
+                               "not-running")
+        try:
+            return await asyncio.to_thread(unix_connect, pid, state.container_id, user, path)
+        except (OSError, ValueError) as exc:
+            text = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+            raise BackendError(f"cannot connect to {path}: {text}",
+                               f"{user}: unix connect {path}: {exc}", "connect-failed") from exc
 
     def aliases(self, user: str) -> set[str]:
         return _LOCAL_NAMES | {f"{user}-devbox", self.container_name(user), "devbox"}
@@ -568,75 +583,3 @@ def _uptime(started: str) -> float | None:
 def _reason(exc: OSError) -> str:
     """"Connection refused", not asyncio's "Connect call failed (...)"."""
     return os.strerror(exc.errno) if exc.errno else str(exc)
-
-
-_DIR = os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
-
-
-def _bind_listen(sock: socket.socket, port: int) -> socket.socket:
-    try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind(("127.0.0.1", port))
-        sock.listen(64)
-    except OSError as exc:
-        sock.close()
-        raise BackendError(f"cannot listen on port {port}: {_reason(exc)}",
-                           f"listen 127.0.0.1:{port}: {exc}", "listen-failed") from exc
-    return sock
-
-
-def _unix_listener(pid: int, container_id: str, user: str, name: str) -> UnixListener:
-    """See DockerBackend.listen_unix; runs in a worker thread (blocking file calls)."""
-    fds: list[int] = []
-
-    def opendir(parent: int | None, path: str, flags: int = _DIR) -> int:
-        fd = os.open(path, flags, dir_fd=parent)
-        fds.append(fd)
-        return fd
-
-    try:
-        # her root through the magic link (followed on purpose), then nothing else followed
-        root = opendir(None, f"/proc/{pid}/root", _DIR & ~os.O_NOFOLLOW)
-        with open(f"/proc/{pid}/cgroup") as fh:  # the PID is still that container's
-            if container_id not in fh.read():
-                raise ProcessLookupError(f"pid {pid} is not in container {container_id[:12]}")
-        home = os.stat(opendir(opendir(root, "home"), user))  # her uid/gid, whatever they are
-        run = opendir(root, "run")
-        st = os.stat(run)
-        if st.st_uid != 0 or st.st_mode & 0o022:
-            raise PermissionError("/run in the container is writable by others")
-        with contextlib.suppress(FileExistsError):
-            os.mkdir("dgw", 0o755, dir_fd=run)
-        base = opendir(run, "dgw")
-        st = os.stat(base)
-        if st.st_uid != 0 or st.st_mode & 0o022:
-            raise PermissionError("/run/dgw in the container is not root's")
-        token = secrets.token_hex(8)
-        os.mkdir(token, 0o700, dir_fd=base)
-        mine = opendir(base, token)
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        sock.bind(f"/proc/self/fd/{mine}/{name}")
-        # the socket's own mode follows the umask; the 0700 directory is what keeps others out
-        os.chown(name, home.st_uid, home.st_gid, dir_fd=mine, follow_symlinks=False)
-        os.chown(token, home.st_uid, home.st_gid, dir_fd=base, follow_symlinks=False)
-        sock.listen(16)
-        sock.setblocking(False)
-    except BaseException:
-        for fd in fds:
-            os.close(fd)
-        raise
-    keep = (base, mine)
-    for fd in fds:
-        if fd not in keep:
-            os.close(fd)
-
-    def cleanup() -> None:
-        sock.close()
-        with contextlib.suppress(OSError):
-            os.unlink(name, dir_fd=mine)
-        with contextlib.suppress(OSError):
-            os.rmdir(token, dir_fd=base)
-        os.close(mine)
-        os.close(base)
-
-    return UnixListener(sock=sock, path=f"/run/dgw/{token}/{name}", cleanup=cleanup)
