@@ -379,7 +379,7 @@ def test_prestarted_process_serves_the_next_exec(gateway: GatewayProc,
 
     def spares() -> list[str]:
         out = c.exec_run(["ps", "-eo", "pid,args"]).output.decode()
-        return [ln for ln in out.splitlines() if "dgw-spare" in ln]
+        return [ln for ln in out.splitlines() if "read -r dgw_h" in ln]
 
     deadline = time.monotonic() + 10
     while len(spares()) != 1 and time.monotonic() < deadline:

@@ -257,6 +257,13 @@ class FakeBackend(Backend):
         return [shell, "-l"]
 
     async def start(self, spec: ProcessSpec) -> FakeProcess:
+        try:
+            return await self._start(spec)
+        except OSError as exc:  # e.g. E2BIG: what a shell would say, as her shell's error
+            raise BackendError(f"sh: {exc.strerror or exc}", f"fake {spec.user}: {exc}",
+                               "exec-failed") from exc
+
+    async def _start(self, spec: ProcessSpec) -> FakeProcess:
         env = self._envs.get(spec.user)
         if env is None or not env.running:
             raise BackendError("your environment is not running", f"fake {spec.user}: stopped",

@@ -159,6 +159,14 @@ class GatewaySession(asyncssh.SSHServerSession):
         ctx.events.emit("session.start", conn=conn.id, user=user.name, type=kind,
                         command=self._command, pty=self._tty)
         try:
+            if self._kind == "exec" and (self._command or "").split()[:1] == ["mosh-server"]:
+                # mosh bootstraps over ssh, then talks UDP to the address it was given: that
+                # is the gateway, and no UDP reaches her container
+                ctx.events.emit("session.refused", conn=conn.id, user=user.name,
+                                reason="mosh is not supported")
+                raise GatewayError("mosh is not supported here (its UDP traffic cannot reach "
+                                   "your container); use plain ssh, with tmux for sessions "
+                                   "that survive a lost connection.", "mosh refused", "mosh")
             await ctx.ensure(user, self._progress)
             if self._kind == "shell" and self._tty and conn.forced_command() is None:
                 self._stderr(login_line(user, ctx.config.help_contact))
@@ -183,6 +191,10 @@ class GatewaySession(asyncssh.SSHServerSession):
         except GatewayError as exc:
             log.warning("[%s] %s: %s", conn.tag, user.name, exc)
             self._stderr(f"dind-gateway: {exc.user_message}\n")
+            status = 1
+        except Exception:  # noqa: BLE001 - a bug must end this session, not the gateway
+            log.exception("[%s] session of %s failed", conn.tag, user.name)
+            self._stderr("dind-gateway: internal error; please tell your admin.\n")
             status = 1
         finally:
             if self._proc is not None:

@@ -505,3 +505,24 @@ def test_jetbrains_gateway_flow(live: InProcessGateway, tmp_path) -> None:
     finally:
         backend.kill()
         backend.wait(10)
+
+
+def test_errors_name_no_internals(live: InProcessGateway) -> None:
+    """A command too long for exec (one 200 KB argument) fails with the shell's own words."""
+    async def long_command() -> asyncssh.SSHCompletedProcess:
+        async with asyncssh.connect(  # OpenSSH's own argv cannot carry it
+                "127.0.0.1", live.port, username="alice", client_keys=[str(live.keys["alice"])],
+                known_hosts=None) as conn:
+            return await conn.run("true " * 40_000)
+
+    done = asyncio.run(long_command())
+    err = done.stderr or ""
+    assert done.exit_status != 0 and "argument list too long" in err.lower(), err
+    assert "dgw" not in err and "spare" not in err, err
+    r = live.ssh("alice", "no-such-command-here")
+    assert r.returncode == 127 and b"dgw" not in r.stderr, r.stderr
+
+
+def test_mosh_is_refused_with_a_reason(live: InProcessGateway) -> None:
+    r = live.ssh("alice", "mosh-server new -s -l LANG=C.UTF-8")
+    assert r.returncode == 1 and b"mosh is not supported here" in r.stderr, r.stderr

@@ -56,7 +56,8 @@ def exec_argv(spec: ProcessSpec) -> tuple[list[str], dict[str, str], str | None]
     env["DGW_PIDFILE"] = pidfile
     if spec.shell:
         env["DGW_SHELL"] = spec.shell
-    argv = ["/bin/sh", "-c", WRAPPER, "dgw"]
+    # $0 is "sh": a shell error (e.g. an argument list too long) names no helper of ours
+    argv = ["/bin/sh", "-c", WRAPPER, "sh"]
     if spec.kind == "command":
         argv.append(spec.command)
     return argv, env, pidfile

@@ -24,7 +24,7 @@ log = logging.getLogger("dind_gateway.prestart")
 # Reads the header line, decodes \\0ooo escapes with printf %b and evaluates it. `read` on a
 # pipe takes one byte at a time, so nothing of the session's own stdin is consumed.
 SPARE_ARGV = ["/bin/sh", "-c",
-              'IFS= read -r dgw_h || exit 0; eval "$(printf \'%b\' "$dgw_h")"', "dgw-spare"]
+              'IFS= read -r dgw_h || exit 0; eval "$(printf \'%b\' "$dgw_h")"', "sh"]
 _SAFE = set(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789_-./:=,@+ ")
 
 
