@@ -321,6 +321,8 @@ class Rig:
             else "config.py"))
         if "max_startups_per_source" in config_src:
             settings["max_startups_per_source"] = 500
+        if "noauth_burst" in config_src:  # bench clients come and go without logging in too
+            settings["noauth_burst"] = 100000
         (d / "gateway.yaml").write_text(yaml.safe_dump(settings, sort_keys=False))
         log = d / "gateway.log"
         with open(log, "ab") as logf:

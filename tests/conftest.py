@@ -144,7 +144,8 @@ class GatewayProc:
                          "ready_timeout": 60, "log_level": "debug",
                          # every test client comes from 127.0.0.1, many on purpose with bad
                          # keys: the brute-force guard is tested with its own settings
-                         "ban_threshold": 100000, "max_startups_per_source": 500, **settings}
+                         "ban_threshold": 100000, "max_startups_per_source": 500,
+                         "noauth_burst": 100000, **settings}
         self.proc: subprocess.Popen[bytes] | None = None
 
     def write_users(self, users: dict[str, dict], defaults: dict | None = None) -> None:

@@ -105,12 +105,12 @@ def host_uids(client: docker.DockerClient, name: str) -> dict[int, str]:
 
 def test_each_user_has_her_own_host_uid_and_range(duo: GatewayProc,
                                                   docker_client: docker.DockerClient) -> None:
-    from gateway.backend.docker.uids import BASE, STRIDE
+    from gateway.backend.docker.uids import SUB_BASE, SUB_COUNT, UID_BASE
 
     alice, bob = ids_of(duo, "alice"), ids_of(duo, "bob")
-    assert alice != bob and {alice[0], bob[0]} <= {BASE, BASE + STRIDE}, (alice, bob)
+    assert alice != bob and {alice[0], bob[0]} == {UID_BASE, UID_BASE + 1}, (alice, bob)
     for uid, sub in (alice, bob):
-        assert sub == uid + 1
+        assert sub == SUB_BASE + (uid - UID_BASE) * SUB_COUNT  # disjoint ranges
     # an inner container of each, as inner uid 5: on the host that is her sub + 4
     for u in ("alice", "bob"):
         r = duo.ssh(u, f"{TOOLS} && docker run -d --user 5 tools /usr/bin/sleep 600")
@@ -201,7 +201,7 @@ def test_volumes_of_the_previous_version_are_migrated(make_gateway, keys: dict[s
                                                       docker_client: docker.DockerClient,
                                                       monkeypatch: pytest.MonkeyPatch,
                                                       disk: str | None) -> None:
-    from gateway.backend.docker.uids import BASE
+    from gateway.backend.docker.uids import SUB_BASE, UID_BASE, UID_LAST
 
     # 1. her environment as the previous version made it: uid 1000, subids 100000..165535
     monkeypatch.setenv("DGW_LEGACY_UIDS", "1")
@@ -234,7 +234,7 @@ def test_volumes_of_the_previous_version_are_migrated(make_gateway, keys: dict[s
     monkeypatch.delenv("DGW_LEGACY_UIDS")
     gw.start()
     uid, sub = ids_of(gw, "carol")
-    assert uid >= BASE and sub == uid + 1
+    assert UID_BASE <= uid <= UID_LAST and sub >= SUB_BASE
     assert docker_client.containers.get(name).id != old.id
     r = gw.ssh("carol", "stat -c '%u:%g' . notes.txt shared/by5; cat notes.txt; "
                "find ~ /var/lib/docker -uid 1000 -o -gid 1000 -o -uid +99999 -uid -165537 "

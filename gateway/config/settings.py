@@ -100,6 +100,45 @@ def _forward_rule(value: Any) -> ForwardRule:
     return ForwardRule(host, None if port == "*" else parse_port(port, allow_zero=False))
 
 
+def _positive_number(value: Any) -> float:
+    if isinstance(value, str):
+        try:
+            value = float(value)
+        except ValueError:
+            raise ValueError(f"{value!r} is not a number") from None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0 \
+            or value == float("inf"):
+        raise ValueError(f"must be a number greater than zero, not {value!r}")
+    return float(value)
+
+
+def _source_network(value: Any) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
+    if not isinstance(value, str):
+        raise ValueError(f"must be an address or network like 10.0.0.0/8, not {value!r}")
+    try:
+        return ipaddress.ip_network(value.strip(), strict=False)
+    except ValueError:
+        raise ValueError(f"{value!r} is not an address or network like 10.0.0.0/8 or "
+                         "2001:db8::/32") from None
+
+
+def _networks(node: _Node, field: str, errs: _Errors) -> Any:
+    if _is_null(node):
+        return ()
+    if node.kind != "seq":
+        errs.add(node, field, "must be a list of addresses or networks like 10.0.0.0/8")
+        return _BAD
+    out = []
+    for i, item in enumerate(node.value):
+        if item.invalid:
+            continue
+        net = _parsed(_source_network, what="an address or network")(item, f"{field}[{i}]",
+                                                                      errs)
+        if net is not _BAD:
+            out.append(net)
+    return tuple(out)
+
+
 def _forward_rules(node: _Node, field: str, errs: _Errors) -> Any:
     if _is_null(node):
         return ()
@@ -219,6 +258,10 @@ _GATEWAY_SPEC: dict[str, Converter] = {
     "client_alive_count_max": _parsed(_int_value(1), what="a whole number"),
     "max_startups": _parsed(_int_value(1), what="a whole number"),
     "max_startups_per_source": _parsed(_int_value(1), what="a whole number"),
+    "ident_timeout": _parsed(lambda v: parse_duration(v, allow_never=False), what="a duration"),
+    "noauth_burst": _parsed(_int_value(1), what="a whole number"),
+    "noauth_per_second": _parsed(_positive_number, what="a number"),
+    "trusted_sources": _networks,
     "ban_threshold": _parsed(_int_value(1), what="a whole number"),
     "ban_seconds": _parsed(lambda v: parse_duration(v, allow_never=False), what="a duration"),
     "ban_max_seconds": _parsed(lambda v: parse_duration(v, allow_never=False),
@@ -266,6 +309,10 @@ class GatewayConfig:
     client_alive_count_max: int  # unanswered probes before the client is dropped
     max_startups: int
     max_startups_per_source: int
+    ident_timeout: float  # seconds a client has to send its SSH version line
+    noauth_burst: int  # connections a source may leave unauthenticated before it is throttled
+    noauth_per_second: float  # ... and how fast that is forgiven
+    trusted_sources: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]  # NAT, CI
     ban_threshold: int  # failed logins from one address before it is banned
     ban_seconds: float  # first ban; it doubles on each repeat ...
     ban_max_seconds: float  # ... up to this
@@ -337,6 +384,10 @@ _GATEWAY_DEFAULTS: dict[str, Any] = {
     "client_alive_count_max": 3,
     "max_startups": 100,
     "max_startups_per_source": 10,
+    "ident_timeout": 10,
+    "noauth_burst": 20,
+    "noauth_per_second": 2,
+    "trusted_sources": [],
     "ban_threshold": 10,
     "ban_seconds": "5m",
     "ban_max_seconds": "1d",

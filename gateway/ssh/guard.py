@@ -1,6 +1,6 @@
-"""Admission control before login: bans, MaxStartups and MaxAuthTries (asyncssh has none).
+"""Admission control before login: bans, startups, penalties, MaxAuthTries (asyncssh has none).
 
-Three rules, all per process and in memory:
+The rules, all per process and in memory:
 
 * **Bans.**  A *failed login* is a connection that tried to authenticate and failed at least
   once; it counts the moment its first attempt fails (so the next connection already sees it)
@@ -12,8 +12,17 @@ Three rules, all per process and in memory:
   authenticating are dropped.  A source is an IPv4 address or an IPv6 /64.
 * **Startups.**  At most ``max_startups`` connections may be unauthenticated at once, and
   ``max_startups_per_source`` from one source (like OpenSSH's MaxStartups and
-  PerSourceMaxStartups, without the random early drop); more are closed at once.
-  asyncssh's ``login_timeout`` (``login_grace_time``) bounds how long one may hold a slot.
+  PerSourceMaxStartups).  When the table is full a new connection does not lose: it evicts
+  the oldest one that has not even sent its SSH version line (then: the oldest of the source
+  holding most slots), so a flood of silent sockets cannot lock real users out.  A client has
+  ``ident_timeout`` to send its version line; asyncssh's ``login_timeout``
+  (``login_grace_time``) bounds the whole login.
+* **Penalties** (OpenSSH 9.8's PerSourcePenalties idea, for DHEat-style floods): every
+  connection a source leaves without logging in counts one point; points drain at
+  ``noauth_per_second``; a source holding more than ``noauth_burst`` points is refused at once
+  until they drain.  A team that logs in is never penalised, however many connections it opens.
+* **Trusted sources** (``trusted_sources``: CI runners, an office NAT) skip the per-source cap
+  and the penalties; bans still apply to them.
 * **Attempts.**  The ``max_auth_tries``-th failed attempt on one connection disconnects it.
 
 Decisions are announced as events (``connection.refused``, ``ban``) for the audit log and
@@ -23,11 +32,12 @@ metrics; the table of sources is bounded so a spoofing flood cannot grow memory 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ipaddress
 import logging
 import time
 from collections import Counter, OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -38,6 +48,7 @@ from ..observe.events import Events
 
 log = logging.getLogger("dind_gateway.guard")
 
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 MAX_SOURCES = 50_000  # remembered addresses; the least recently seen go first
 
 
@@ -66,6 +77,8 @@ class _Source:
     last_failure: float = 0.0
     strikes: int = 0  # bans so far; the next one lasts ban_seconds * 2**strikes
     banned_until: float = 0.0
+    noauth: float = 0.0  # penalty points (connections left unauthenticated), draining
+    noauth_at: float = 0.0  # when `noauth` was last brought up to date
 
 
 @dataclass
@@ -75,6 +88,9 @@ class _Pending:
     peer: str
     source: str
     conn: Closable | None
+    opened: float = 0.0
+    versioned: Callable[[], bool] | None = None  # has it sent its SSH version line?
+    trusted: bool = False
     attempts: int = 0  # failed auth attempts on this connection
     counted: bool = False  # already counted as one failed login of its source
 
@@ -86,6 +102,8 @@ class Guard:
                  max_auth_tries: int, ban_threshold: int, ban_seconds: float,
                  ban_max_seconds: float, failure_window: float = 3600.0,
                  forget_after: float = 86400.0, max_sources: int = MAX_SOURCES,
+                 ident_timeout: float = 10.0, noauth_burst: int = 20,
+                 noauth_per_second: float = 2.0, trusted_sources: Sequence[Network] = (),
                  clock: Callable[[], float] = time.monotonic) -> None:
         self.events = events
         self.max_startups = max_startups
@@ -97,6 +115,10 @@ class Guard:
         self.failure_window = failure_window
         self.forget_after = forget_after
         self.max_sources = max_sources
+        self.ident_timeout = ident_timeout
+        self.noauth_burst = noauth_burst
+        self.noauth_per_second = noauth_per_second
+        self.trusted_sources = tuple(trusted_sources)
         self._clock = clock
         self._sources: OrderedDict[str, _Source] = OrderedDict()
         self._pending: dict[int, _Pending] = {}
@@ -108,7 +130,9 @@ class Guard:
                    max_startups_per_source=config.max_startups_per_source,
                    max_auth_tries=config.max_auth_tries, ban_threshold=config.ban_threshold,
                    ban_seconds=config.ban_seconds, ban_max_seconds=config.ban_max_seconds,
-                   **kw)  # type: ignore[arg-type]
+                   ident_timeout=config.ident_timeout, noauth_burst=config.noauth_burst,
+                   noauth_per_second=config.noauth_per_second,
+                   trusted_sources=config.trusted_sources, **kw)  # type: ignore[arg-type]
 
     # --- what the metrics read --------------------------------------------------------------
 
@@ -127,24 +151,86 @@ class Guard:
 
     # --- connection lifecycle ----------------------------------------------------------------
 
-    def admit(self, conn_id: int, peer: str, conn: Closable | None = None) -> str | None:
-        """Let a new connection in (None) or say why it must be closed right away."""
+    def trusted(self, peer: str) -> bool:
+        try:
+            addr = ipaddress.ip_address(peer.split("%", 1)[0])
+        except ValueError:
+            return False
+        if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
+            addr = addr.ipv4_mapped
+        return any(addr in net for net in self.trusted_sources)
+
+    def admit(self, conn_id: int, peer: str, conn: Closable | None = None,
+              versioned: Callable[[], bool] | None = None) -> str | None:
+        """Let a new connection in (None) or say why it must be closed right away.
+
+        `versioned` tells whether the connection has sent its SSH version line yet (for
+        eviction and the ident deadline)."""
         source = source_of(peer)
+        trusted = self.trusted(peer)
+        now = self._clock()
         reason = None
         if self.ban_remaining(peer) > 0:
             self._sources.move_to_end(source)
             reason = "banned"
-        elif len(self._pending) >= self.max_startups:
-            reason = "max_startups"
-        elif self._pending_by_source[source] >= self.max_startups_per_source:
+        elif not trusted and self._penalty(source, now) >= self.noauth_burst:
+            reason = "penalty"
+        elif not trusted and self._pending_by_source[source] >= self.max_startups_per_source:
             reason = "max_startups_per_source"
+        elif len(self._pending) >= self.max_startups and not self._evict_one():
+            reason = "max_startups"
         if reason is not None:
             log.debug("[conn=%d] refused %s: %s", conn_id, peer, reason)
             self.events.emit("connection.refused", conn=conn_id, peer=peer, reason=reason)
             return reason
-        self._pending[conn_id] = _Pending(peer, source, conn)
+        self._pending[conn_id] = _Pending(peer, source, conn, now, versioned, trusted)
         self._pending_by_source[source] += 1
+        if versioned is not None and conn is not None:
+            with contextlib.suppress(RuntimeError):  # no loop (unit tests)
+                asyncio.get_running_loop().call_later(self.ident_timeout,
+                                                      self._ident_deadline, conn_id)
         return None
+
+    def _ident_deadline(self, conn_id: int) -> None:
+        pending = self._pending.get(conn_id)
+        if pending is None or pending.versioned is None or pending.versioned():
+            return
+        self.events.emit("connection.refused", conn=conn_id, peer=pending.peer,
+                         reason="ident_timeout")
+        self._add_point(pending)
+        self._drop(conn_id, asyncssh.DISC_PROTOCOL_ERROR, "No identification string received")
+
+    def _evict_one(self) -> bool:
+        """Free one startup slot for a newcomer: the oldest connection that has not sent its
+        version line, else the oldest of the source holding most slots (if it holds two or
+        more).  False when nobody should make room."""
+        silent = [(p.opened, cid) for cid, p in self._pending.items()
+                  if p.versioned is not None and not p.versioned()]
+        if silent:
+            victim = min(silent)[1]
+        else:
+            source, held = max(self._pending_by_source.items(), key=lambda kv: kv[1],
+                               default=("", 0))
+            if held < 2:
+                return False
+            victim = min((p.opened, cid) for cid, p in self._pending.items()
+                         if p.source == source)[1]
+        pending = self._pending[victim]
+        log.info("[conn=%d] evicted %s to make room for a new connection", victim, pending.peer)
+        self.events.emit("connection.refused", conn=victim, peer=pending.peer, reason="evicted")
+        if pending.versioned is not None and not pending.versioned():
+            self._add_point(pending)  # a silent socket; one that was talking is a victim
+        self._drop(victim, asyncssh.DISC_TOO_MANY_CONNECTIONS, "Too many connections")
+        return True
+
+    def _penalty(self, source: str, now: float) -> float:
+        """The source's penalty points, drained up to now."""
+        record = self._sources.get(source)
+        if record is None:
+            return 0.0
+        drained = (now - record.noauth_at) * self.noauth_per_second
+        record.noauth, record.noauth_at = max(0.0, record.noauth - drained), now
+        return record.noauth
 
     def auth_failed(self, conn_id: int) -> None:
         """One failed attempt on this connection (call after emitting auth.failure)."""
@@ -172,8 +258,24 @@ class Guard:
                 record.failures -= 1
 
     def closed(self, conn_id: int) -> None:
-        """The connection is gone (whether or not it logged in)."""
-        self._release(conn_id)
+        """The connection is gone (whether or not it logged in); one that never logged in
+        costs its source a penalty point."""
+        pending = self._release(conn_id)
+        if pending is not None:
+            self._add_point(pending)
+
+    def _add_point(self, pending: _Pending) -> None:
+        if pending.trusted:
+            return
+        now = self._clock()
+        record = self._record(pending.source, now)
+        self._penalty(pending.source, now)
+        record.noauth += 1
+        if record.noauth >= self.noauth_burst and record.noauth - 1 < self.noauth_burst:
+            log.warning("throttling %s: %d connections left without logging in",
+                        pending.source, int(record.noauth))
+            self.events.emit("penalty", peer=pending.peer, source=pending.source,
+                             points=round(record.noauth, 1))
 
     # --- internals ------------------------------------------------------------------------
 
@@ -205,6 +307,8 @@ class Guard:
     def _stale(self, record: _Source, now: float) -> bool:
         quiet_since = max(record.last_failure, record.banned_until)
         if record.banned_until > now:
+            return False
+        if record.noauth - (now - record.noauth_at) * self.noauth_per_second > 0:
             return False
         if record.strikes:
             return now - quiet_since > self.forget_after

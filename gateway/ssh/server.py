@@ -93,7 +93,8 @@ class Connection(asyncssh.SSHServer):
         self.conn = conn
         peer = conn.get_extra_info("peername") or ("", 0)
         self.peer, self.peer_port = peer[0], peer[1]
-        if self.ctx.guard.admit(self.id, self.peer, conn) is not None:
+        if self.ctx.guard.admit(self.id, self.peer, conn, versioned=lambda: conn.get_extra_info(
+                "client_version") is not None) is not None:
             self.refused = True
             conn.abort()
             return

@@ -4,19 +4,20 @@ User containers have no user namespace of their own, so the uid a user's process
 *host* uid, and the kernel counts per-uid limits (inotify instances and watches, user
 namespaces, RLIMIT_NPROC, the keyring) across every container that uses it.  So each user gets
 her own uid and her own subordinate range for her rootless inner daemon, disjoint from
-everybody else's and from the host's own users:
+everybody else's:
 
     slot k (0, 1, 2, ... in order of first login)
-    uid = gid = BASE + k * STRIDE            e.g. alice 2000000, bob 2065537
-    subordinate ids = uid + 1 .. uid + 65536 (the 65536 ids her inner containers use)
+    uid = gid = UID_BASE + k                 alice 40000, bob 40001, ... up to UID_LAST
+    subordinate ids = SUB_BASE + k * 65536   (the 65536 ids her inner containers use)
 
-`BASE` is far above the ids a distribution gives its users (Debian: 1000-59999, systemd's
-dynamic and homed ids up to 65535) and above the subordinate ranges `useradd` hands the first
-29 host users (100000 + n * 65536); it is below 2^31 - 1, which dind-init accepts, which leaves
-room for (2^31 - 2 - BASE) // STRIDE = 32736 users.  It does fall inside the range
-systemd-nspawn picks container ranges from (524288-1879048191) and the subordinate ranges of a
-host with more than 29 users that have /etc/subuid entries: on such a host check that nothing
-else uses 2000000 and up (docs/security.md).
+Her uid must stay below 65537: her rootless daemon maps inner ids 1..65536 onto her
+subordinate range, and the Docker CLI sends files owned by her own uid (`docker build -` with
+a Dockerfile on stdin, `docker cp`), which the daemon must be able to chown inside that range
+(a uid of 2000000 made such builds fail with "lchown: invalid argument").  40000-59999 is
+inside the range Debian gives ordinary users but above what small and medium hosts use, and
+below systemd's dynamic users (61184-65519); on a host whose own users reach 40000, check
+(docs/security.md).  The subordinate ranges start at 2000000, above the 100000 + n * 65536
+ranges `useradd` hands the first 29 host users.
 
 The allocation lives in ``<state_dir>/uids.json``: written atomically (temporary file, fsync,
 rename), and made under an exclusive ``flock`` of ``uids.lock`` that is held across
@@ -36,11 +37,12 @@ import threading
 from dataclasses import dataclass
 from pathlib import Path
 
-BASE = 2_000_000
+UID_BASE = 40000
+UID_LAST = 59999  # 20000 users
+SUB_BASE = 2_000_000
 SUB_COUNT = 65536
-STRIDE = SUB_COUNT + 1
-MAX_ID = 2**31 - 2  # dind-init refuses DGW_UID >= 2^31 - 1
-FILE_VERSION = 1
+MAX_ID = 2**31 - 2  # dind-init refuses ids >= 2^31 - 1
+FILE_VERSION = 2
 
 # What the previous version gave everybody (and what a volume without a migration marker
 # was made with).
@@ -71,20 +73,19 @@ class Ids:
 LEGACY = Ids(LEGACY_UID, LEGACY_SUB)
 
 
-def ids_of_slot(slot: int, base: int = BASE) -> Ids:
-    uid = base + slot * STRIDE
-    if slot < 0 or uid + SUB_COUNT > MAX_ID:
-        raise UidError(f"uid slot {slot} is out of range (at most {(MAX_ID - base) // STRIDE} "
-                       "users fit below 2^31)")
-    return Ids(uid, uid + 1)
+def ids_of_slot(slot: int) -> Ids:
+    uid, sub = UID_BASE + slot, SUB_BASE + slot * SUB_COUNT
+    if slot < 0 or uid > UID_LAST or sub + SUB_COUNT > MAX_ID:
+        raise UidError(f"uid slot {slot} is out of range (at most {UID_LAST - UID_BASE + 1} "
+                       f"users: uids {UID_BASE}-{UID_LAST})")
+    return Ids(uid, sub)
 
 
 class UidMap:
     """user name -> Ids, persisted in one JSON file; safe across threads and processes."""
 
-    def __init__(self, path: Path, base: int = BASE) -> None:
+    def __init__(self, path: Path) -> None:
         self.path = path
-        self.base = base
         self._lock = threading.Lock()
         self._cache: dict[str, Ids] = {}
 
@@ -104,11 +105,11 @@ class UidMap:
                 slot = data["users"].get(user)
                 if slot is None:
                     slot = data["next"]
-                    ids_of_slot(slot, self.base)  # fails before anything is written
+                    ids_of_slot(slot)  # fails before anything is written
                     data["users"][user] = slot
                     data["next"] = slot + 1
                     self._write(data)
-        ids = ids_of_slot(slot, self.base)
+        ids = ids_of_slot(slot)
         self._cache[user] = ids
         return ids
 
@@ -116,13 +117,13 @@ class UidMap:
         try:
             text = self.path.read_text()
         except FileNotFoundError:
-            return {"version": FILE_VERSION, "base": self.base, "stride": STRIDE, "next": 0,
-                    "users": {}}
+            return {"version": FILE_VERSION, "uid_base": UID_BASE, "sub_base": SUB_BASE,
+                    "next": 0, "users": {}}
         try:
             data = json.loads(text)
             users = data["users"]
-            ok = (data.get("version") == FILE_VERSION and data.get("base") == self.base
-                  and data.get("stride") == STRIDE and isinstance(users, dict)
+            ok = (data.get("version") == FILE_VERSION and data.get("uid_base") == UID_BASE
+                  and data.get("sub_base") == SUB_BASE and isinstance(users, dict)
                   and isinstance(data.get("next"), int)
                   and all(isinstance(s, int) and 0 <= s < data["next"] for s in users.values())
                   and len(set(users.values())) == len(users))
@@ -131,8 +132,8 @@ class UidMap:
         if not ok:
             # never guess: a re-allocation would hand one user's files to another
             raise UidError(f"{self.path} is not a valid uid allocation (version {FILE_VERSION}"
-                           f", base {self.base}, stride {STRIDE}, distinct slots below 'next');"
-                           " fix or restore it")
+                           f", uid_base {UID_BASE}, sub_base {SUB_BASE}, distinct slots below "
+                           "'next'); fix or restore it")
         return data
 
     def _write(self, data: dict) -> None:
