@@ -526,3 +526,29 @@ def test_errors_name_no_internals(live: InProcessGateway) -> None:
 def test_mosh_is_refused_with_a_reason(live: InProcessGateway) -> None:
     r = live.ssh("alice", "mosh-server new -s -l LANG=C.UTF-8")
     assert r.returncode == 1 and b"mosh is not supported here" in r.stderr, r.stderr
+
+
+def test_git_over_ssh_speaks_protocol_v2(live: InProcessGateway, tmp_path) -> None:
+    """git clone/push through the gateway, and GIT_TRACE_PACKET shows protocol v2 (git sends
+    GIT_PROTOCOL=version=2 as an environment request)."""
+    r = live.ssh("alice", "rm -rf repo.git && git init -q --bare repo.git")
+    assert r.returncode == 0, r.stderr
+    ssh_cmd = " ".join(live.ssh_args("alice")[:-1])
+    env = {**os.environ, "GIT_SSH_COMMAND": ssh_cmd, "GIT_TRACE_PACKET": "1",
+           "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@example.com",
+           "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@example.com"}
+    work = tmp_path / "work"
+
+    def git(*args: str, cwd=None) -> subprocess.CompletedProcess:
+        return subprocess.run(["git", *args], cwd=cwd, env=env, capture_output=True,
+                              timeout=120)
+
+    assert git("clone", "-q", "alice@127.0.0.1:repo.git", str(work)).returncode == 0
+    (work / "f.txt").write_text("hello\n")
+    assert git("add", "f.txt", cwd=work).returncode == 0
+    assert git("commit", "-qm", "one", cwd=work).returncode == 0
+    push = git("push", "-q", "origin", "HEAD:main", cwd=work)
+    assert push.returncode == 0, push.stderr[-2000:]
+    ls = git("ls-remote", "alice@127.0.0.1:repo.git")
+    assert ls.returncode == 0 and b"refs/heads/main" in ls.stdout, ls.stderr[-2000:]
+    assert b"ls-remote< version 2" in ls.stderr, ls.stderr[-2000:]  # v0 would not say
