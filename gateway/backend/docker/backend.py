@@ -464,7 +464,12 @@ class DockerBackend(Backend):
         return info.get("Id")
 
     async def check_image(self, ref: str) -> str | None:
-        if await self._image_id(ref) is None:
+        try:
+            found = await self._image_id(ref)
+        except (DockerError, OSError) as exc:
+            raise BackendError("the Docker engine did not answer",
+                               f"image {ref}: {exc}", "engine") from exc
+        if found is None:
             return (f"image {ref!r} is not on the Docker engine: build, pull or load it first "
                     "(it must run dind-init: build it FROM dind-gateway/dind)")
         return None
