@@ -758,3 +758,16 @@ def test_defaults_image_and_empty_groups(tmp_path: Path) -> None:
     assert cfg.users["alice"].image == "registry:5000/t/dind@sha256:" + "a" * 64
     assert cfg.users["alice"].groups == ()
     assert set(cfg.groups) == {"empty", "none"}
+
+
+def test_example_groups_block_is_valid_once_uncommented(tmp_path: Path) -> None:
+    text = (REPO / "config" / "users.yaml").read_text().replace("#| ", "")
+    text = text.replace("  # bob:", "  bob:").replace("  #   ", "    ").replace("AAAA...", "X")
+    text = text.replace("ssh-ed25519 X", KEY.rsplit(" ", 1)[0])
+    cfg = load_users(write(tmp_path, "users.yaml", text))
+    bob = cfg.user("bob")
+    assert bob is not None and bob.groups == ("ml",) and bob.image == "dind-gateway/dind:latest"
+    assert bob.memory == 8 * 2**30  # his own value wins over the group's
+    assert cfg.users["alice"].memory == 6 * 2**30  # the group's over defaults
+    assert [(v.path, v.read_only) for v in bob.volumes] == [("/srv/datasets", True),
+                                                             ("/srv/scratch", False)]
