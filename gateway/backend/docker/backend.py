@@ -532,12 +532,16 @@ class DockerBackend(Backend):
                                    reason="image-missing")
             running = bool((info.get("State") or {}).get("Running"))
             self._forget(user)
-            if running:
-                await self.docker.request("POST", f"/containers/{name}/stop", query={"t": 20},
-                                          ok=(204, 304), timeout=60)
-            await self._ignore_missing("DELETE", f"/containers/{name}",
-                                       query={"force": 1, "v": 0})
-            await self._create(user, limits)
+            try:
+                if running:
+                    await self.docker.request("POST", f"/containers/{name}/stop",
+                                              query={"t": 20}, ok=(204, 304, 404), timeout=60)
+                await self._ignore_missing("DELETE", f"/containers/{name}",
+                                           query={"force": 1, "v": 0})
+                await self._create(user, limits)
+            except DockerError as exc:
+                raise BackendError(f"the engine refused: {exc.message}",
+                                   f"upgrade of {name}: {exc}", "upgrade") from exc
             self.events.emit("container.create", user=user, container=name)
             log.info("container %s made again (%s); volumes and network kept", name, reason)
             if not running:
