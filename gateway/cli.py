@@ -46,7 +46,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
 def cmd_check(args: argparse.Namespace) -> int:
     config = _load(args)
     users = load_users(config.users_file)
-    print(f"{args.config}: ok; {config.users_file}: ok, {len(users.users)} user(s)")
+    groups = f", {len(users.groups)} group(s)" if users.groups else ""
+    print(f"{args.config}: ok; {config.users_file}: ok, {len(users.users)} user(s){groups}"
+          " (images are checked against the engine at reload)")
     return 0
 
 
