@@ -46,7 +46,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
 def cmd_check(args: argparse.Namespace) -> int:
     config = _load(args)
     users = load_users(config.users_file)
-    print(f"{args.config}: ok; {config.users_file}: ok, {len(users.users)} user(s)")
+    groups = f", {len(users.groups)} group(s)" if users.groups else ""
+    print(f"{args.config}: ok; {config.users_file}: ok, {len(users.users)} user(s){groups}"
+          " (images are checked against the engine at reload)")
     return 0
 
 
@@ -73,7 +75,8 @@ def _duration(seconds: float | None) -> str:
 
 def format_ps(rows: list[dict[str, Any]]) -> str:
     """The `ps` table, one row per user."""
-    head = ("USER", "STATE", "UPTIME", "SESSIONS", "CPU%", "MEMORY", "PIDS", "CACHE", "DISK")
+    head = ("USER", "STATE", "UPTIME", "SESSIONS", "CPU%", "MEMORY", "PIDS", "CACHE", "DISK",
+            "IMAGE")
     table = [head]
     for r in rows:
         mem = "-" if "mem_bytes" not in r else f"{_size(r['mem_bytes'])} / " + (
@@ -82,10 +85,17 @@ def format_ps(rows: list[dict[str, Any]]) -> str:
                       f"{r['cpu_percent']:.1f}" if "cpu_percent" in r else "-", mem,
                       str(r.get("pids", "-")), _size(r.get("cache_bytes")),
                       f"{_size(r['disk'][0])} / {_size(r['disk'][1])}" if r.get("disk")
-                      else "no quota"))
+                      else "no quota", _image_state(r)))
     widths = [max(len(row[i]) for row in table) for i in range(len(head))]
-    return "\n".join("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip()
-                     for row in table)
+    notes = [f"  {r['user']}: outdated: {r['outdated']}" for r in rows if r.get("outdated")]
+    return "\n".join(["  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip()
+                      for row in table] + notes)
+
+
+def _image_state(row: dict[str, Any]) -> str:
+    if row.get("outdated"):
+        return "outdated, upgrade when idle" if row.get("upgrade_pending") else "outdated"
+    return "-" if row["state"].startswith("absent") else "current"
 
 
 def _admin(args: argparse.Namespace, request: dict[str, Any]) -> Any:
@@ -109,6 +119,16 @@ def cmd_user_action(args: argparse.Namespace) -> int:
             print("not confirmed; nothing deleted", file=sys.stderr)
             return 1
     print(_admin(args, {"cmd": args.command, "user": args.user}))
+    return 0
+
+
+def cmd_upgrade(args: argparse.Namespace) -> int:
+    if (args.user is None) == (not args.all):
+        print("dind-gateway: upgrade needs a user name or --all (not both)", file=sys.stderr)
+        return 2
+    request = {"cmd": "upgrade", "user": args.user, "all": args.all,
+               "when_idle": args.when_idle, "now": args.now}
+    print(call(_load(args).state_dir, request, timeout=3600))
     return 0
 
 
@@ -163,6 +183,17 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "purge":
             p.add_argument("--yes", action="store_true", help="do not ask for confirmation")
         p.set_defaults(func=cmd_user_action)
+
+    up = admin_parser("upgrade", "make outdated containers again on their configured image, "
+                      "keeping home, image cache and network")
+    up.add_argument("user", nargs="?", help="the user (or --all)")
+    up.add_argument("--all", action="store_true", help="every user with a container")
+    when = up.add_mutually_exclusive_group()
+    when.add_argument("--when-idle", action="store_true",
+                      help="users connected now are upgraded once their last connection ends")
+    when.add_argument("--now", action="store_true",
+                      help="tell her sessions and close them, then upgrade")
+    up.set_defaults(func=cmd_upgrade)
 
     hp = sub.add_parser("hash-password", help="prompt for a password, print a hash for users.yaml")
     hp.add_argument("--scheme", default="bcrypt", choices=["bcrypt", "sha512_crypt"])

@@ -30,7 +30,7 @@ BAD_USERS = [
     ("unknown-top-level", "defaults: {}\nuser:\n  alice: {}\n",
      2, "user", "did you mean 'users'"),
     ("unknown-user-field", "users:\n  alice:\n    memroy: 4g\n",
-     3, "users.alice.memroy", "allowed: cpus, disabled, disk, idle_timeout, keys"),
+     3, "users.alice.memroy", "allowed: cpus, disabled, disk, idle_timeout, image, keys"),
     ("memory-bad-unit", "users:\n  alice:\n    memory: 4x\n", 3, "users.alice.memory", "'4x'"),
     ("memory-negative", "users:\n  alice:\n    memory: -1g\n",
      3, "users.alice.memory", "greater than zero"),

@@ -8,9 +8,10 @@ from .base import (
     Limits,
     Process,
     ProcessSpec,
+    Share,
     UnixListener,
 )
 
 __all__ = ["Backend", "BackendError", "EnvState", "EnvStats", "Limits", "Process",
-           "ProcessSpec",
+           "ProcessSpec", "Share",
            "UnixListener"]

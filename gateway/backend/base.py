@@ -29,19 +29,43 @@ class BackendError(GatewayError):
 
 
 @dataclass(frozen=True)
+class Share:
+    """A group's shared volume in a member's environment (quota `size` bytes)."""
+
+    group: str
+    name: str
+    path: str
+    size: int
+    read_only: bool = False
+
+
+@dataclass(frozen=True)
 class Limits:
-    """Resource caps for one environment; None means unlimited."""
+    """Resource caps for one environment; None means unlimited.
+
+    Also what the environment is made from, applied when it is (re)created, never live:
+    `image` (None: the backend's default) and the group volumes it mounts (`shares`)."""
 
     cpus: float | None = None
     memory: int | None = None
     pids: int | None = None
     disk: int | None = None
+    image: str | None = None
+    shares: tuple[Share, ...] = ()
 
     @classmethod
     def of(cls, settings: Any) -> Limits:
-        """The caps of anything carrying cpus/memory/pids/disk (a users.yaml `User`)."""
+        """The caps of anything carrying cpus/memory/pids/disk (a users.yaml `User`), with
+        its `image` and `volumes` if it has them."""
+        shares = tuple(Share(group=v.group, name=v.name, path=v.path, size=v.size,
+                             read_only=v.read_only) for v in getattr(settings, "volumes", ()))
         return cls(cpus=settings.cpus, memory=settings.memory, pids=settings.pids,
-                   disk=settings.disk)
+                   disk=settings.disk, image=getattr(settings, "image", None), shares=shares)
+
+    @property
+    def caps(self) -> Limits:
+        """Only the resource caps (what `update_limits` can change live)."""
+        return Limits(cpus=self.cpus, memory=self.memory, pids=self.pids, disk=self.disk)
 
 
 @dataclass
@@ -216,6 +240,24 @@ class Backend(abc.ABC):
 
     async def close(self) -> None:  # noqa: B027 - optional hook
         """Release what the backend holds (connections, spare processes)."""
+
+    async def check_image(self, ref: str) -> str | None:
+        """None when environments can be made from image `ref`, else why not (for the admin).
+        Platforms without images say None."""
+        return None
+
+    async def outdated(self, user: str, limits: Limits) -> str | None:
+        """Why the user's existing environment is not what `limits` would make now (its image
+        was rebuilt or changed, its group volumes differ), or None (also when there is none)."""
+        return None
+
+    async def upgrade(self, user: str, limits: Limits, *,
+                      unless: Callable[[], bool] | None = None) -> str:
+        """Make an outdated environment again from `limits`, keeping its data and network
+        (running: stopped, made again and started; stopped: made again, started at the next
+        login).  `unless` as for `stop` (then nothing is done).  A short text of what was
+        done."""
+        return "nothing to upgrade"
 
     async def run(self, user: str, argv: list[str]) -> tuple[int, bytes]:
         """Run a short housekeeping command *as the user* and collect its stdout.

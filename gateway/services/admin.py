@@ -1,4 +1,5 @@
-"""Admin control socket: `dind-gateway ps|stop|restart|purge|reload` talk to the running gateway.
+"""Admin control socket: `dind-gateway ps|stop|restart|purge|reload|upgrade` talk to the running
+gateway.
 
 The socket lives in the state directory with mode 0600, so only the gateway's own user (root)
 can drive it.  One JSON request per connection, one JSON answer.
@@ -19,6 +20,7 @@ from typing import Any
 from ..backend import Backend, BackendError, Limits
 from ..config import User, UsersConfig
 from .registry import Registry
+from .upgrader import Upgrader
 
 log = logging.getLogger("dind_gateway.admin")
 
@@ -44,6 +46,7 @@ class AdminServer:
         self.registry = registry
         self.users = users
         self.reload = reload
+        self.upgrader = Upgrader(backend, registry, users)
         self._server: asyncio.AbstractServer | None = None
 
     async def start(self) -> None:
@@ -55,8 +58,10 @@ class AdminServer:
         finally:
             os.umask(old)
         os.chmod(self.path, 0o600)
+        self.upgrader.start()
 
     async def close(self) -> None:
+        await self.upgrader.stop()
         if self._server is not None:
             self._server.close()
             with contextlib.suppress(FileNotFoundError):
@@ -88,6 +93,8 @@ class AdminServer:
             if not ok:
                 raise AdminError(f"users file refused, last good configuration kept:\n{message}")
             return message
+        if cmd == "upgrade":
+            return await self.upgrade(request)
         if cmd in ("stop", "restart", "purge"):
             if not isinstance(user, str) or not user:
                 raise AdminError(f"{cmd} needs a user name")
@@ -107,6 +114,25 @@ class AdminServer:
             return f"stopped {user}"
         raise AdminError(f"unknown command {cmd!r}")
 
+    async def upgrade(self, request: dict[str, Any]) -> str:
+        """`upgrade USER` or `upgrade --all` (every user with an environment)."""
+        users = self.users()
+        if request.get("all"):
+            names = sorted(e.user for e in await self.backend.list_environments()
+                           if e.user in users.users)
+            if not names:
+                return "no environments to upgrade"
+        else:
+            name = request.get("user")
+            if not isinstance(name, str) or not name:
+                raise AdminError("upgrade needs a user name or --all")
+            if users.user(name) is None:
+                raise AdminError(f"no such user: {name}")
+            names = [name]
+        lines = await self.upgrader.request(names, when_idle=bool(request.get("when_idle")),
+                                            now=bool(request.get("now")))
+        return "\n".join(lines)
+
     async def ps(self) -> list[dict[str, Any]]:
         """One row per user: state, uptime, sessions, CPU %, memory, pids, image cache, disk."""
         users = self.users()
@@ -114,8 +140,9 @@ class AdminServer:
         envs = {e.user: e for e in await self.backend.list_environments()}
         names = sorted(set(users.users) | set(envs))
         stats = await asyncio.gather(*(self.backend.stats(n) for n in names))
+        outdated = await asyncio.gather(*(self._outdated(n, users, n in envs) for n in names))
         rows = []
-        for name, st in zip(names, stats, strict=True):
+        for name, st, stale in zip(names, stats, outdated, strict=True):
             env = envs.get(name)
             user: User | None = users.user(name)
             state = env.status if env else "absent"
@@ -127,9 +154,20 @@ class AdminServer:
                          "sessions": activity.sessions.get(name, 0),
                          "connections": activity.connections.get(name, 0),
                          "cache_bytes": st.cache_bytes, "disk": st.disk,
+                         "outdated": stale,
+                         "upgrade_pending": name in self.upgrader.pending,
                          **{k: v for k, v in st.as_row().items()
                             if k not in ("cache_bytes", "disk")}})
         return rows
+
+    async def _outdated(self, name: str, users: UsersConfig, exists: bool) -> str | None:
+        user = users.user(name)
+        if not exists or user is None:
+            return None
+        try:
+            return await self.backend.outdated(name, Limits.of(user))
+        except BackendError as exc:
+            return f"unknown ({exc.user_message})"
 
 
 def call(state_dir: Path, request: dict[str, Any], timeout: float = 120) -> Any:

@@ -4,7 +4,9 @@ A bad edit never half-applies: the new file is parsed into a fresh UsersConfig f
 a fully valid one replaces the old.  `diff` is pure (old users, new users, live connections →
 a `Plan`); `apply` carries a plan out: revoked keys and removed or disabled users lose their
 open connections (with a one-line reason) and their environments are stopped (data kept);
-changed limits go to running environments live.
+changed limits go to running environments live; a changed image or group membership applies
+when her environment is next made (its next start, or `dind-gateway upgrade`), and the log
+says so.  Every image the file names must be on the engine, or the edit is refused.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from pathlib import Path
 
 from ..auth import AuthorizedKey
 from ..backend import Backend, BackendError, Limits
-from ..config import ConfigError, User, UsersConfig, load_users
+from ..config import ConfigError, ConfigErrors, User, UsersConfig, load_users
 from ..observe.events import Events
 from .registry import LiveConnection, Registry
 
@@ -70,11 +72,31 @@ def diff(old: UsersConfig, new: UsersConfig, live: Iterable[LiveConnection]) -> 
         prev = old.user(name)
         if prev is None or name in plan.stop or user.disabled:
             continue
-        if Limits.of(prev) != Limits.of(user):
+        if Limits.of(prev).caps != Limits.of(user).caps:
             plan.limits[name] = Limits.of(user)
         if prev.shell != user.shell:
             plan.changes.append(f"{name} shell changed (new sessions)")
+        plan.changes += _made_from_changes(name, prev, user)
     return plan
+
+
+def _made_from_changes(name: str, prev: User, user: User) -> list[str]:
+    """Image and group changes: they apply when her container is next made (at its next
+    start, or `dind-gateway upgrade`), never to a running one."""
+    out = []
+    when = f"at her next container start, or `dind-gateway upgrade {name}`"
+    if prev.image != user.image:
+        out.append(f"{name} image {prev.image or 'default'} -> {user.image or 'default'} "
+                   f"({when})")
+    joined = [g for g in user.groups if g not in prev.groups]
+    left = [g for g in prev.groups if g not in user.groups]
+    if joined or left:
+        parts = ([f"joins {', '.join(joined)}"] if joined else []) + (
+            [f"leaves {', '.join(left)}"] if left else [])
+        out.append(f"{name} {' and '.join(parts)} ({when})")
+    elif prev.volumes != user.volumes:
+        out.append(f"{name} group volumes changed ({when})")
+    return out
 
 
 class UsersReloader:
@@ -128,12 +150,34 @@ class UsersReloader:
             if new.digest == old.digest:
                 log.info("users file checked (%s): unchanged", reason)
                 return True, "unchanged"
+            try:
+                await self.check_images(new)
+            except ConfigError as exc:
+                log.error("users file refused (%s), keeping the last good one: %s", reason, exc)
+                self.events.emit("config.reload", accepted=False, reason=reason, error=str(exc))
+                return False, str(exc)
             self.replace(new)
             summary = await self.apply(diff(old, new, self.registry.connections()))
             log.info("users file reloaded (%s): %s", reason, summary)
             self.events.emit("config.reload", accepted=True, reason=reason,
                              users=len(new.users), changes=summary)
             return True, summary
+
+    async def check_images(self, new: UsersConfig) -> None:
+        """Every `image:` of the file must be on the engine now: else the edit is refused,
+        naming file:line: field (a missing image would fail her next login instead)."""
+        problems = []
+        for ref in dict.fromkeys(i.ref for i in new.images):
+            try:
+                why = await self.backend.check_image(ref)
+            except BackendError as exc:
+                why = f"cannot ask the engine about image {ref!r}: {exc.user_message}"
+            if why is not None:
+                problems += [ConfigError(new.path, i.line, i.field, why)
+                             for i in new.images if i.ref == ref]
+        if problems:
+            problems.sort(key=lambda e: e.line or 0)
+            raise problems[0] if len(problems) == 1 else ConfigErrors(problems)
 
     async def apply(self, plan: Plan) -> str:
         changes = list(plan.changes)

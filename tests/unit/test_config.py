@@ -624,3 +624,150 @@ users:
     assert alice.find_key(public, "192.168.0.1") is None
     other = asyncssh.generate_private_key("ssh-ed25519").convert_to_public()
     assert alice.find_key(other, "10.1.1.1") is None
+
+
+# --------------------------------------------------------------------------------------------
+# Groups (issue 16): defaults <- groups (in file order) <- the user's own
+
+
+GROUPS = f"""\
+defaults:
+  memory: 2g
+  cpus: 1
+groups:
+  ml:
+    members: [alice, bob]
+    image: team/ml:1
+    memory: 8g
+    volumes:
+      data: {{path: /srv/data, size: 50g}}
+      models: {{path: /srv/models, size: 1g, read_only: true}}
+  web:
+    members: [bob, carol]
+    pids: 500
+    volumes:
+      site: {{path: /srv/site, size: 300m}}
+users:
+  alice: {{keys: ['{KEY}']}}
+  bob:
+    keys: ['{KEY}']
+    image: bob/own:2
+  carol: {{keys: ['{KEY}'], memory: 1g}}
+  dave: {{keys: ['{KEY}']}}
+"""
+
+
+def test_groups_layering(tmp_path: Path) -> None:
+    cfg = load_users(write(tmp_path, "users.yaml", GROUPS))
+    alice, bob, carol, dave = (cfg.users[n] for n in ("alice", "bob", "carol", "dave"))
+    assert cfg.groups["ml"].members == ("alice", "bob")
+    assert (alice.groups, bob.groups, carol.groups, dave.groups) == (
+        ("ml",), ("ml", "web"), ("web",), ())
+    # the group's value over defaults, her own over the group's
+    assert (alice.memory, alice.cpus, alice.image, alice.pids) == (8 << 30, 1.0, "team/ml:1", None)
+    assert (bob.memory, bob.image, bob.pids) == (8 << 30, "bob/own:2", 500)
+    assert (carol.memory, carol.image, carol.pids) == (1 << 30, None, 500)
+    assert (dave.memory, dave.image, dave.volumes) == (2 << 30, None, ())
+    assert [(v.group, v.name, v.path, v.size, v.read_only) for v in bob.volumes] == [
+        ("ml", "data", "/srv/data", 50 << 30, False),
+        ("ml", "models", "/srv/models", 1 << 30, True),
+        ("web", "site", "/srv/site", 300 << 20, False)]
+    assert [v.name for v in carol.volumes] == ["site"]
+    assert [(i.field, i.line, i.ref) for i in cfg.images] == [
+        ("groups.ml.image", 7, "team/ml:1"), ("users.bob.image", 21, "bob/own:2")]
+
+
+def test_groups_conflict_needs_the_user_to_choose(tmp_path: Path) -> None:
+    text = GROUPS.replace("    pids: 500\n", "    pids: 500\n    memory: 4g\n")
+    err = expect_error(write(tmp_path, "users.yaml", text), load_users, 15, "groups.web.memory")
+    assert "differs from groups.ml.memory (line 8) for their member bob" in err.message
+    assert "set users.bob.memory to choose" in err.message
+    # once bob chooses, the file is good; carol (only in web) gets web's value
+    fixed = text.replace("    image: bob/own:2\n", "    image: bob/own:2\n    memory: 3g\n")
+    cfg = load_users(write(tmp_path, "users.yaml", fixed))
+    assert (cfg.users["bob"].memory, cfg.users["carol"].memory) == (3 << 30, 1 << 30)
+    # equal values are no conflict
+    same = GROUPS.replace("    pids: 500\n", "    pids: 500\n    memory: 8g\n")
+    assert load_users(write(tmp_path, "users.yaml", same)).users["bob"].memory == 8 << 30
+
+
+BAD_GROUPS = [
+    ("unknown-member",
+     "groups:\n  ml:\n    members: [alice, bbo]\nusers:\n  alice: {}\n  bob: {}\n",
+     3, "groups.ml.members[1]", "no user 'bbo' in users: (did you mean 'bob'?)"),
+    ("member-twice", "groups:\n  ml:\n    members:\n      - alice\n      - alice\n"
+     "users:\n  alice: {}\n", 5, "groups.ml.members[1]", "listed twice"),
+    ("members-not-list", "groups:\n  ml:\n    members: alice\n", 3, "groups.ml.members",
+     "must be a list of user names"),
+    ("bad-group-name", "groups:\n  ML:\n    members: []\n", 2, "groups.ML", "invalid group name"),
+    ("group-not-mapping", "groups:\n  ml: [alice]\n", 2, "groups.ml", "must be a mapping"),
+    ("groups-not-mapping", "groups: [ml]\n", 1, "groups", "must be a mapping"),
+    ("unknown-group-field", "groups:\n  ml:\n    memebers: []\n", 3, "groups.ml.memebers",
+     "did you mean 'members'"),
+    ("keys-in-group", "groups:\n  ml:\n    keys: []\n", 3, "groups.ml.keys", "per-user"),
+    ("group-memory-bad", "groups:\n  ml:\n    memory: 4x\n", 3, "groups.ml.memory", "'4x'"),
+    ("group-image-bad", "groups:\n  ml:\n    image: 'Team/ML latest'\n", 3, "groups.ml.image",
+     "not an image reference"),
+    ("user-image-bad", "users:\n  alice:\n    image: ':x'\n", 3, "users.alice.image",
+     "not an image reference"),
+    ("volumes-not-mapping", "groups:\n  ml:\n    volumes: [/srv]\n", 3, "groups.ml.volumes",
+     "must be a mapping of volume name"),
+    ("volume-bad-name", "groups:\n  ml:\n    volumes:\n      Data: {path: /srv/d, size: 1g}\n",
+     4, "groups.ml.volumes.Data", "invalid volume name"),
+    ("volume-no-size", "groups:\n  ml:\n    volumes:\n      data:\n        path: /srv/d\n",
+     4, "groups.ml.volumes.data", "needs size:"),
+    ("volume-empty", "groups:\n  ml:\n    volumes:\n      data:\n",
+     4, "groups.ml.volumes.data", "must be a mapping"),
+    ("volume-relative", "groups:\n  ml:\n    volumes:\n      data: {path: srv/d, size: 1g}\n",
+     4, "groups.ml.volumes.data.path", "absolute path"),
+    ("volume-reserved", "groups:\n  ml:\n    volumes:\n      data:\n        path: /home/x\n"
+     "        size: 1g\n", 5, "groups.ml.volumes.data.path", "inside /home"),
+    ("volume-not-normal",
+     "groups:\n  ml:\n    volumes:\n      data: {path: /srv/../etc, size: 1g}\n",
+     4, "groups.ml.volumes.data.path", "not a normal path"),
+    ("volume-too-small", "groups:\n  ml:\n    volumes:\n      data: {path: /srv/d, size: 1m}\n",
+     4, "groups.ml.volumes.data.size", "at least 300m"),
+    ("volume-ro-bad", "groups:\n  ml:\n    volumes:\n      data:\n        path: /srv/d\n"
+     "        size: 1g\n        read_only: sure\n", 7, "groups.ml.volumes.data.read_only",
+     "true or false"),
+    ("volume-unknown-field", "groups:\n  ml:\n    volumes:\n      data:\n        path: /srv/d\n"
+     "        size: 1g\n        readonly: true\n", 7, "groups.ml.volumes.data.readonly",
+     "did you mean 'read_only'"),
+    ("volume-same-path", "groups:\n  ml:\n    volumes:\n      a: {path: /srv/d, size: 1g}\n"
+     "      b:\n        path: /srv/d\n        size: 1g\n", 6, "groups.ml.volumes.b.path",
+     "also the path of groups.ml.volumes.a (line 4)"),
+    ("volume-same-path-two-groups",
+     "groups:\n  ml:\n    members: [alice]\n    volumes:\n      a: {path: /srv/d, size: 1g}\n"
+     "  web:\n    members: [alice]\n    volumes:\n      b: {path: /srv/d, size: 1g}\n"
+     "users:\n  alice: {}\n", 9, "groups.web.volumes.b",
+     "also where groups.ml.volumes.a (line 5) is mounted for their member alice"),
+]
+
+
+@pytest.mark.parametrize(("text", "line", "field", "fragment"),
+                         [c[1:] for c in BAD_GROUPS], ids=[c[0] for c in BAD_GROUPS])
+def test_bad_groups(tmp_path: Path, text: str, line: int, field: str, fragment: str) -> None:
+    err = expect_error(write(tmp_path, "users.yaml", text), load_users, line, field)
+    assert fragment in err.message, err.message
+
+
+def test_defaults_image_and_empty_groups(tmp_path: Path) -> None:
+    cfg = load_users(write(tmp_path, "users.yaml",
+                           "defaults:\n  image: registry:5000/t/dind@sha256:" + "a" * 64 +
+                           "\ngroups:\n  empty:\n  none:\n    members: []\nusers:\n  alice:\n"))
+    assert cfg.users["alice"].image == "registry:5000/t/dind@sha256:" + "a" * 64
+    assert cfg.users["alice"].groups == ()
+    assert set(cfg.groups) == {"empty", "none"}
+
+
+def test_example_groups_block_is_valid_once_uncommented(tmp_path: Path) -> None:
+    text = (REPO / "config" / "users.yaml").read_text().replace("#| ", "")
+    text = text.replace("  # bob:", "  bob:").replace("  #   ", "    ").replace("AAAA...", "X")
+    text = text.replace("ssh-ed25519 X", KEY.rsplit(" ", 1)[0])
+    cfg = load_users(write(tmp_path, "users.yaml", text))
+    bob = cfg.user("bob")
+    assert bob is not None and bob.groups == ("ml",) and bob.image == "dind-gateway/dind:latest"
+    assert bob.memory == 8 * 2**30  # his own value wins over the group's
+    assert cfg.users["alice"].memory == 6 * 2**30  # the group's over defaults
+    assert [(v.path, v.read_only) for v in bob.volumes] == [("/srv/datasets", True),
+                                                             ("/srv/scratch", False)]

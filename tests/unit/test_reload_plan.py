@@ -61,3 +61,22 @@ def test_unchanged_users_give_an_empty_plan() -> None:
     plan = diff(old, users({"alice": {"keys": [KEYS[0]]}}), [conn])
     assert (plan.changes, plan.stop, plan.close, plan.limits) == ([], [], [], {})
     assert len(plan.rebind) == 1
+
+
+def test_diff_says_when_image_and_group_changes_apply() -> None:
+    def doc(members: list[str], image: str | None, vol: str = "300m") -> object:
+        return parse_users(yaml.safe_dump({
+            "groups": {"team": {"members": members, "image": "team/dind:1",
+                                "volumes": {"s": {"path": "/srv/s", "size": vol}}}},
+            "users": {"alice": {"keys": [KEYS[0]], **({"image": image} if image else {})},
+                      "bob": {"keys": [KEYS[1]]}}}))
+
+    plan = diff(doc(["alice"], None), doc(["bob"], "own/dind:2"), [])
+    assert plan.limits == {}  # nothing to apply live
+    when = "at her next container start, or `dind-gateway upgrade"
+    assert f"alice image team/dind:1 -> own/dind:2 ({when} alice`)" in plan.changes
+    assert f"alice leaves team ({when} alice`)" in plan.changes
+    assert f"bob image default -> team/dind:1 ({when} bob`)" in plan.changes
+    assert f"bob joins team ({when} bob`)" in plan.changes
+    plan = diff(doc(["alice"], None), doc(["alice"], None, "1g"), [])
+    assert plan.changes == [f"alice group volumes changed ({when} alice`)"]

@@ -18,6 +18,7 @@ from collections.abc import Callable
 from datetime import datetime
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 from ...aio import background
 from ...observe.events import Events
@@ -28,9 +29,10 @@ from ..base import (
     EnvStats,
     Limits,
     ProcessSpec,
+    Share,
     UnixListener,
 )
-from .disks import DiskError, Disks
+from .disks import DiskError, Disks, share_permissions
 from .engine import DockerClient, DockerError
 from .process import DockerProcess, exec_argv
 from .security import PROFILES, host_config, limit_spec
@@ -44,6 +46,8 @@ LABEL_MANAGED = "dind-gateway.managed"
 LABEL_INSTANCE = "dind-gateway.instance"
 LABEL_OWNER = "dind-gateway.owner"
 LABEL_ROLE = "dind-gateway.role"
+LABEL_GROUP = "dind-gateway.group"
+LABEL_SHARES = "dind-gateway.shares"  # the group volumes a container was made with
 
 INNER_DOCKER_HOST = "unix:///var/run/docker.sock"
 _LOCAL_NAMES = {"localhost", "127.0.0.1", "::1", "ip6-localhost"}
@@ -80,6 +84,7 @@ class DockerBackend(Backend):
         self._ready: dict[str, tuple[str, str]] = {}
         self._df_cache: tuple[float, dict[str, int]] | None = None
         self.netns = NamespaceSockets()
+        self._share_locks: dict[str, asyncio.Lock] = {}
 
     # --- names ----------------------------------------------------------------------------
 
@@ -94,6 +99,17 @@ class DockerBackend(Backend):
 
     def labels(self, user: str, **extra: str) -> dict[str, str]:
         return {LABEL_MANAGED: "true", LABEL_INSTANCE: self.prefix, LABEL_OWNER: user, **extra}
+
+    def share_name(self, share: Share) -> str:
+        """Volume and disk of a group's shared volume (a dot: never a user's name)."""
+        return f"{self.prefix}.{share.group}.{share.name}"
+
+    def image_of(self, limits: Limits) -> str:
+        return limits.image or self.image
+
+    def _shares_label(self, limits: Limits) -> str:
+        return ",".join(f"{self.share_name(s)}:{s.path}:{'ro' if s.read_only else 'rw'}"
+                        for s in limits.shares)
 
     # --- contract ---------------------------------------------------------------------------
 
@@ -131,7 +147,9 @@ class DockerBackend(Backend):
             announce = progress if not state.running else None
             if announce:
                 announce("Starting your Docker environment…")
-            if state.exists and not state.running and await self._made_with_other_ids(user):
+            if state.exists and not state.running and (
+                    await self._made_with_other_ids(user)
+                    or await self._replace_outdated(user, limits)):
                 state = EnvState(user=user, exists=False)
             if not state.exists:
                 await self._create(user, limits)
@@ -139,6 +157,7 @@ class DockerBackend(Backend):
                                  container=self.container_name(user))
             if not state.running:
                 await self._mount_disk(user, limits)
+                await self._prepare_shares(user, limits)
                 await self._start(user)
             state = await self._wait_ready(user)
             self._ready[user] = (state.container_id, state.started_at)
@@ -432,6 +451,137 @@ class DockerBackend(Backend):
         await self._ignore_missing("DELETE", f"/containers/{name}", query={"force": 1, "v": 0})
         return True
 
+    # --- images, group volumes, roll-out --------------------------------------------------
+
+    async def _image_id(self, ref: str) -> str | None:
+        """The id the engine has for image `ref` now (a tag moves when rebuilt), or None."""
+        try:
+            info = await self.docker.request("GET", f"/images/{quote(ref, safe='/:@')}/json")
+        except DockerError as exc:
+            if exc.status == 404:
+                return None
+            raise
+        return info.get("Id")
+
+    async def check_image(self, ref: str) -> str | None:
+        try:
+            found = await self._image_id(ref)
+        except (DockerError, OSError) as exc:
+            raise BackendError("the Docker engine did not answer",
+                               f"image {ref}: {exc}", "engine") from exc
+        if found is None:
+            return (f"image {ref!r} is not on the Docker engine: build, pull or load it first "
+                    "(it must run dind-init: build it FROM dind-gateway/dind)")
+        return None
+
+    async def outdated(self, user: str, limits: Limits) -> str | None:
+        info = await self.docker.inspect_container(self.container_name(user))
+        return None if info is None else await self._outdated(info, limits)
+
+    async def _outdated(self, info: dict[str, Any], limits: Limits) -> str | None:
+        config = info.get("Config") or {}
+        want, have = self.image_of(limits), config.get("Image", "")
+        reasons = []
+        if have != want:
+            reasons.append(f"image setting changed: {have} -> {want}")
+        else:
+            now = await self._image_id(want)
+            if now is not None and now != info.get("Image"):
+                reasons.append(f"{want} was rebuilt ({_short(info.get('Image'))} -> "
+                               f"{_short(now)})")
+        if (config.get("Labels") or {}).get(LABEL_SHARES, "") != self._shares_label(limits):
+            reasons.append("group volumes changed")
+        return "; ".join(reasons) or None
+
+    async def _replace_outdated(self, user: str, limits: Limits) -> bool:
+        """A stopped container that is outdated (image, group volumes) is removed at its next
+        start, volumes and network kept, to be made again as configured now (under rootless
+        she can write nothing on its root filesystem; under the other profiles what she wrote
+        there outside her volumes is lost, as with `upgrade`).  If the image it should now
+        run is missing, the old one starts and the log says why."""
+        name = self.container_name(user)
+        info = await self.docker.inspect_container(name)
+        reason = None if info is None else await self._outdated(info, limits)
+        if reason is None:
+            return False
+        want = self.image_of(limits)
+        if await self._image_id(want) is None:
+            log.warning("container %s is outdated (%s) but image %s is not on the engine: "
+                        "starting it as it is", name, reason, want)
+            return False
+        log.info("container %s is outdated (%s): made again at this start (volumes and "
+                 "network kept)", name, reason)
+        await self._ignore_missing("DELETE", f"/containers/{name}", query={"force": 1, "v": 0})
+        return True
+
+    async def upgrade(self, user: str, limits: Limits, *,
+                      unless: Callable[[], bool] | None = None) -> str:
+        name = self.container_name(user)
+        async with self._lock(user):
+            if unless is not None and unless():
+                return "in use: not upgraded"
+            info = await self.docker.inspect_container(name)
+            if info is None:
+                return "no container: her next login makes one as configured"
+            reason = await self._outdated(info, limits)
+            if reason is None:
+                return "up to date"
+            want = self.image_of(limits)
+            if await self._image_id(want) is None:
+                raise BackendError(f"image {want} is not on the Docker engine",
+                                   reason="image-missing")
+            running = bool((info.get("State") or {}).get("Running"))
+            self._forget(user)
+            try:
+                if running:
+                    await self.docker.request("POST", f"/containers/{name}/stop",
+                                              query={"t": 20}, ok=(204, 304, 404), timeout=60)
+                await self._ignore_missing("DELETE", f"/containers/{name}",
+                                           query={"force": 1, "v": 0})
+                await self._create(user, limits)
+            except DockerError as exc:
+                raise BackendError(f"the engine refused: {exc.message}",
+                                   f"upgrade of {name}: {exc}", "upgrade") from exc
+            self.events.emit("container.create", user=user, container=name)
+            log.info("container %s made again (%s); volumes and network kept", name, reason)
+            if not running:
+                return f"made again ({reason}); it starts at her next login"
+        await self.ensure(user, limits)
+        return f"upgraded ({reason})"
+
+    async def _group_gid(self, group: str) -> int | None:
+        """A group's own gid: the uid of a slot of the uid map of its own ("group:NAME", never
+        a user name), so disjoint from every user's uid and subordinate ids, and never
+        reused."""
+        if self.uids is None:
+            return None
+        try:
+            return (await asyncio.to_thread(self.uids.get, f"group:{group}")).uid
+        except (UidError, OSError) as exc:
+            raise BackendError("Your group's id could not be allocated; please tell your "
+                               "admin.", f"gid of group {group}: {exc}", "uids") from exc
+
+    async def _prepare_shares(self, user: str, limits: Limits) -> None:
+        """Mount (make, grow) each group volume's quota disk before a member's container
+        starts, and set its data directory up for the group (disks.share_permissions)."""
+        if self.disks is None:
+            return
+        for share in limits.shares:
+            name = self.share_name(share)
+            gid = await self._group_gid(share.group)
+            async with self._share_locks.setdefault(name, asyncio.Lock()):
+                try:
+                    mnt = await self.disks.ensure(name, share.size, subdirs=("data",))
+                    await asyncio.to_thread(share_permissions, mnt / "data", gid)
+                except (DiskError, OSError) as exc:
+                    raise BackendError("A shared volume of your group could not be prepared; "
+                                       "please tell your admin.", f"shared volume {name} of "
+                                       f"{user}: {exc}", "disk") from exc
+                size = self.disks.size(name)
+                if share.size < size:
+                    log.warning("shared volume %s: size %d MiB is below its %d MiB; a quota "
+                                "cannot shrink, kept", name, share.size >> 20, size >> 20)
+
     # --- primitives ---------------------------------------------------------------------------
 
     async def _ignore_missing(self, method: str, path: str, **kw: Any) -> None:
@@ -455,20 +605,23 @@ class DockerBackend(Backend):
                 body["DriverOpts"] = {"type": "none", "o": "bind",
                                       "device": os.fspath(disk / role)}
             await self.docker.request("POST", "/volumes/create", body=body)
+        shared, gids = await self._share_mounts(limits)
         await self._create_network(user)
         spec = {
-            "Image": self.image,
+            "Image": self.image_of(limits),
             "Hostname": f"{user}-devbox",
             "Env": [f"DGW_USER={user}", *(await self.ids(user)).env(),
                     f"DGW_PROFILE={self.profile}"],
-            "Labels": self.labels(user),
+            "Labels": self.labels(user, **{LABEL_SHARES: self._shares_label(limits)}),
             "HostConfig": {
                 "Init": True,
                 "NetworkMode": net,
                 "Mounts": [
                     {"Type": "volume", "Source": vols["home"], "Target": f"/home/{user}"},
                     {"Type": "volume", "Source": vols["docker"], "Target": "/var/lib/docker"},
+                    *shared,
                 ],
+                **({"GroupAdd": [str(g) for g in gids]} if gids else {}),
                 **limit_spec(limits),
                 **host_config(self.profile, limits),
             },
@@ -483,8 +636,29 @@ class DockerBackend(Backend):
             if exc.status == 404:
                 raise BackendError(
                     "The development image is missing on the server; please tell your admin.",
-                    f"image {self.image} not found: {exc.message}", "image-missing") from exc
+                    f"image {self.image_of(limits)} not found: {exc.message}",
+                    "image-missing") from exc
             raise
+
+    async def _share_mounts(self, limits: Limits) -> tuple[list[dict[str, Any]], list[int]]:
+        """The group volumes (made if new: a bind of the group disk's data/, which
+        `_prepare_shares` mounts before each start) as mounts, and the gids to add."""
+        mounts, gids = [], set()
+        for share in limits.shares:
+            name = self.share_name(share)
+            body: dict[str, Any] = {"Name": name, "Labels": {
+                LABEL_MANAGED: "true", LABEL_INSTANCE: self.prefix, LABEL_ROLE: "shared",
+                LABEL_GROUP: share.group}}
+            if self.disks is not None:
+                body["DriverOpts"] = {"type": "none", "o": "bind",
+                                      "device": os.fspath(self.disks.mountpoint(name) / "data")}
+            await self.docker.request("POST", "/volumes/create", body=body)
+            mounts.append({"Type": "volume", "Source": name, "Target": share.path,
+                           "ReadOnly": share.read_only})
+            gid = await self._group_gid(share.group)
+            if gid is not None:
+                gids.add(gid)
+        return mounts, sorted(gids)
 
     async def _create_network(self, user: str) -> None:
         """The user's bridge network on the first free subnet of the pool (idempotent)."""
@@ -568,6 +742,10 @@ class DockerBackend(Backend):
             limits=Limits(cpus=(hc.get("NanoCpus") or 0) / 1e9 or None,
                           memory=hc.get("Memory") or None,
                           pids=hc.get("PidsLimit") if (hc.get("PidsLimit") or 0) > 0 else None))
+
+
+def _short(image_id: str | None) -> str:
+    return (image_id or "?").removeprefix("sha256:")[:12]
 
 
 def _uptime(started: str) -> float | None:

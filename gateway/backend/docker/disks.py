@@ -11,8 +11,10 @@ XFS cannot shrink; lowering a quota is refused.
 
 Layout under ``<state_dir>/disks``: ``NAME.img`` (sparse: it takes only what is written) and
 the mount point ``NAME/`` holding ``home/`` and ``docker/``, which the backend hands to the
-container as the user's two volumes.  Mounted ``nosuid,nodev``.  Everything here needs root on
-the host, as driving the Docker engine does anyway.
+container as the user's two volumes.  A group's shared volume is one more such disk, named
+``<prefix>.<group>.<volume>``, holding ``data/`` (see `share_permissions`).  Mounted
+``nosuid,nodev``.  Everything here needs root on the host, as driving the Docker engine does
+anyway.
 """
 
 from __future__ import annotations
@@ -21,12 +23,35 @@ import asyncio
 import contextlib
 import logging
 import os
+import struct
 from pathlib import Path
 
 log = logging.getLogger("dind_gateway.disks")
 
 SUBDIRS = ("home", "docker")
 _TOOL_TIMEOUT = 120.0
+
+
+# POSIX ACL xattr (linux/posix_acl_xattr.h): version 2, then (tag, perm, id) entries.
+_ACL_VERSION = 2
+_ACL_USER_OBJ, _ACL_GROUP_OBJ, _ACL_OTHER = 0x01, 0x04, 0x20
+_ACL_UNDEFINED_ID = 0xFFFFFFFF
+
+
+def share_permissions(path: Path, gid: int | None) -> None:
+    """Make a group's shared directory usable by every member although each has her own uid:
+    owned by root and the group's own gid, mode 2770 (setgid: what is made in it belongs to
+    the group; others get nothing), and a default ACL group::rwx so new files and directories
+    are group-writable whatever her umask (a default ACL replaces the umask).  Without a gid
+    (no uid allocation: only backends that make no environment) it is left alone."""
+    if gid is None:
+        return
+    os.chown(path, 0, gid)
+    os.chmod(path, 0o2770)
+    acl = struct.pack("<I", _ACL_VERSION) + b"".join(
+        struct.pack("<HHI", tag, perm, _ACL_UNDEFINED_ID)
+        for tag, perm in ((_ACL_USER_OBJ, 7), (_ACL_GROUP_OBJ, 7), (_ACL_OTHER, 0)))
+    os.setxattr(path, "system.posix_acl_default", acl)
 
 
 class DiskError(Exception):
@@ -74,10 +99,11 @@ class Disks:
     def exists(self, name: str) -> bool:
         return self.image(name).exists()
 
-    async def ensure(self, name: str, size: int) -> Path:
+    async def ensure(self, name: str, size: int, subdirs: tuple[str, ...] = SUBDIRS) -> Path:
         """Create (first time), mount (if not mounted) and grow (if size grew); the mount point.
 
-        Never shrinks: see resize().
+        Never shrinks: see resize().  `subdirs` are made on it (a user's home/ and docker/, a
+        group's shared data/).
         """
         image, mnt = self.image(name), self.mountpoint(name)
         if not image.exists():
@@ -86,7 +112,7 @@ class Disks:
         if _mounted_source(mnt) is None:
             await _run("mount", "-t", "xfs", "-o", "loop,nosuid,nodev,noatime",
                        os.fspath(image), os.fspath(mnt))
-        for sub in SUBDIRS:
+        for sub in subdirs:
             (mnt / sub).mkdir(exist_ok=True)
         if size > self.size(name):
             await self.resize(name, size)
