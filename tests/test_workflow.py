@@ -288,3 +288,25 @@ def test_unix_forward_stays_in_her_container(gateway: GatewayProc, tmp_path: Pat
     out, err = _through_unix_forward(gateway, "alice", "/run/dgw-no-such/agent.sock",
                                      "http://d/", tmp_path)
     assert out == b"" and b"open failed" in err, err
+
+
+def test_container_removed_mid_session(gateway: GatewayProc,
+                                       docker_client: docker.DockerClient) -> None:
+    """Her container removed under an open session (an admin's `docker rm -f`, a host
+    clean-up): the session ends with the reason, the gateway keeps serving, and her next
+    login makes a new container with her home intact."""
+    assert gateway.ssh("erin", "echo kept > ~/kept.txt").returncode == 0
+    session = subprocess.Popen(gateway.ssh_args("erin") + ["echo up; exec sleep 600"],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        assert session.stdout.readline() == b"up\n"
+        old = docker_client.containers.get(gateway.container_name("erin"))
+        old.remove(force=True)
+        out, err = session.communicate(timeout=60)
+    finally:
+        session.kill()
+    assert session.returncode != 0 and b"your container was stopped or removed" in err, err
+    assert b"log in again" in err and b"docker" not in err.lower(), err
+    r = gateway.ssh("erin", "cat ~/kept.txt")
+    assert r.returncode == 0 and r.stdout == b"kept\n", r.stderr
+    assert docker_client.containers.get(gateway.container_name("erin")).id != old.id

@@ -215,7 +215,23 @@ class DockerBackend(Backend):
     def _process(self, exec_id: str, stream: Any, user: str,
                  pidfile: str | None) -> DockerProcess:
         return DockerProcess(self.docker, exec_id, stream, user=user, pidfile=pidfile,
-                             runner=self.run)
+                             runner=self.run, gone=self._gone_reason)
+
+    async def _gone_reason(self, user: str) -> BackendError | None:
+        """Why a session's container disappeared under it, in words for her; None while it
+        is still running (then the process was only killed by a signal)."""
+        info = await self.docker.inspect_container(self.container_name(user))
+        state = (info or {}).get("State") or {}
+        if info is not None and state.get("Running") and _alive(int(state.get("Pid") or 0)):
+            return None
+        self._forget(user)
+        if state.get("OOMKilled"):
+            text = "your container ran out of memory and was stopped"
+        else:
+            text = f"your container was stopped or removed ({state.get('Status', 'gone')})"
+        return BackendError(f"{text}; your files are kept: log in again to start it.",
+                            f"container of {user} gone during a session: {text}",
+                            "container-gone")
 
     async def _fresh_exec(self, user: str, argv: list[str], tty: bool, env: dict[str, str],
                           workdir: str, pidfile: str | None) -> DockerProcess:
@@ -761,3 +777,20 @@ def _uptime(started: str) -> float | None:
 def _reason(exc: OSError) -> str:
     """"Connection refused", not asyncio's "Connect call failed (...)"."""
     return os.strerror(exc.errno) if exc.errno else str(exc)
+
+
+def _alive(pid: int) -> bool:
+    """Whether a container's init still lives.  When a container is killed its init dies
+    first and the kernel then kills the rest of its PID namespace, so a session's process
+    killed with it finds the init dead or a zombie.  Unknown (no /proc view of the host
+    PIDs, as in a containerised gateway without --pid host) counts as alive."""
+    if pid <= 0:
+        return True
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            state = fh.read().rsplit(")", 1)[1].split()[0]
+    except FileNotFoundError:
+        return False
+    except (OSError, IndexError):
+        return True
+    return state not in ("Z", "X")

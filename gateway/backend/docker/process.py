@@ -15,7 +15,7 @@ import time
 from collections.abc import Awaitable, Callable
 
 from ...aio import background
-from ..base import ProcessSpec
+from ..base import BackendError, ProcessSpec
 from .engine import DockerClient, DockerError, ExecStream
 
 log = logging.getLogger("dind_gateway.backend")
@@ -67,13 +67,15 @@ class DockerProcess:
     """`Process` over one exec's hijacked stream (see backend.base.Process)."""
 
     def __init__(self, docker: DockerClient, exec_id: str, stream: ExecStream, *, user: str,
-                 pidfile: str | None, runner: Runner) -> None:
+                 pidfile: str | None, runner: Runner,
+                 gone: Callable[[str], Awaitable[BackendError | None]] | None = None) -> None:
         self._docker = docker
         self.exec_id = exec_id
         self.stream = stream
         self._user = user
         self._pidfile = pidfile
         self._runner = runner
+        self._gone = gone
         self.on_exit: Callable[[], object] | None = None
         self._status: int | None = None
         self._hung_up = False
@@ -141,12 +143,24 @@ class DockerProcess:
             return self._status
         deadline = time.monotonic() + timeout
         while True:
-            info = await self._docker.exec_inspect(self.exec_id)
+            try:
+                info = await self._docker.exec_inspect(self.exec_id)
+            except DockerError as exc:
+                gone = await self._gone(self._user) if exc.status == 404 and self._gone else None
+                if gone is None:
+                    raise
+                raise gone from exc  # the container went away
             if not info.get("Running") and info.get("ExitCode") is not None:
+                status = int(info["ExitCode"])
+                if status >= 128 and self._gone is not None:
+                    # killed: by her, or with her whole container (removed, stopped, OOM)?
+                    gone = await self._gone(self._user)
+                    if gone is not None:
+                        raise gone
                 if self.on_exit is not None:
                     self.on_exit()
-                self._status = int(info["ExitCode"])
-                return self._status
+                self._status = status
+                return status
             if time.monotonic() > deadline:
                 return 255
             await asyncio.sleep(poll)
