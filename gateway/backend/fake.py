@@ -304,16 +304,7 @@ class FakeBackend(Backend):
             lambda _: env.processes.discard(proc))
 
     async def open_connection(self, user: str, port: int) -> socket.socket:
-        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        sock.setblocking(False)
-        try:
-            await asyncio.get_running_loop().sock_connect(sock, ("127.0.0.1", port))
-        except OSError as exc:
-            sock.close()
-            raise BackendError(f"connection to port {port} failed: {_reason(exc)}",
-                               f"fake {user}: connect 127.0.0.1:{port}: {exc}",
-                               "connect-failed") from exc
-        return sock
+        return await _connect(socket.AF_INET, ("127.0.0.1", port), f"port {port}", user)
 
     async def open_unix(self, user: str, path: str) -> socket.socket:
         """Only below this user's directory (the fake isolates nothing else)."""
@@ -322,16 +313,7 @@ class FakeBackend(Backend):
         if os.path.commonpath([base, target]) != base:
             raise BackendError(f"cannot connect to {path}: not in your environment",
                                f"fake {user}: {path} outside {base}", "connect-failed")
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        sock.setblocking(False)
-        try:
-            await asyncio.get_running_loop().sock_connect(sock, str(target))
-        except OSError as exc:
-            sock.close()
-            raise BackendError(f"cannot connect to {path}: {_reason(exc)}",
-                               f"fake {user}: unix connect {path}: {exc}",
-                               "connect-failed") from exc
-        return sock
+        return await _connect(socket.AF_UNIX, target, path, user)
 
     async def listen_tcp(self, user: str, port: int) -> socket.socket:
         sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
@@ -403,3 +385,15 @@ class FakeBackend(Backend):
 def _reason(exc: OSError) -> str:
     """"Connection refused", not asyncio's "Connect call failed (...)"."""
     return os.strerror(exc.errno) if exc.errno else str(exc)
+
+
+async def _connect(family: int, address: object, what: str, user: str) -> socket.socket:
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setblocking(False)
+    try:
+        await asyncio.get_running_loop().sock_connect(sock, address)
+    except OSError as exc:
+        sock.close()
+        raise BackendError(f"connection to {what} failed: {_reason(exc)}",
+                           f"fake {user}: connect {address}: {exc}", "connect-failed") from exc
+    return sock

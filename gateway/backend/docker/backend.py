@@ -245,12 +245,7 @@ class DockerBackend(Backend):
         """To 127.0.0.1:port *inside* her container (netns), so servers bound to her
         loopback are reachable; where the gateway may not enter namespaces (a containerised
         gateway without --pid host), to her container's address instead."""
-        info = await self.docker.inspect_container(self.container_name(user))
-        state = self._state(user, info)
-        if not state.running:
-            raise BackendError("your container is not running", f"{user}: not running",
-                               "not-running")
-        pid = int((info or {}).get("State", {}).get("Pid") or 0)
+        state, pid = await self._running(user)
         sock, target = None, (state.ip, port)
         if self.netns.available is not False and pid:
             try:
@@ -278,14 +273,19 @@ class DockerBackend(Backend):
                                "connect-failed") from exc
         return sock
 
-    async def listen_tcp(self, user: str, port: int) -> socket.socket:
-        """A listening socket on 127.0.0.1:port in her container's network namespace."""
+    async def _running(self, user: str) -> tuple[EnvState, int]:
+        """Her running container's state and init PID (host-side socket operations)."""
         info = await self.docker.inspect_container(self.container_name(user))
         state = self._state(user, info)
         pid = int((info or {}).get("State", {}).get("Pid") or 0)
         if not state.running or not pid:
             raise BackendError("your container is not running", f"{user}: not running",
                                "not-running")
+        return state, pid
+
+    async def listen_tcp(self, user: str, port: int) -> socket.socket:
+        """A listening socket on 127.0.0.1:port in her container's network namespace."""
+        state, pid = await self._running(user)
         try:
             sock = await self.netns.tcp_socket(pid, state.container_id)
         except PermissionError as exc:
@@ -298,15 +298,10 @@ class DockerBackend(Backend):
 
     async def listen_unix(self, user: str, name: str) -> UnixListener:
         """A socket file `name` in a fresh directory under /run/dgw in her container, hers
-        alone (0700 directory, 0600 socket).  Made from the host through /proc/<pid>/root one
-        directory at a time without following links, below /run, which only root may write:
-        nothing she controls can point it elsewhere."""
-        info = await self.docker.inspect_container(self.container_name(user))
-        state = self._state(user, info)
-        pid = int((info or {}).get("State", {}).get("Pid") or 0)
-        if not state.running or not pid:
-            raise BackendError("your container is not running", f"{user}: not running",
-                               "not-running")
+        alone (a 0700 directory of hers; the socket is hers too).  Made from the host through
+        /proc/<pid>/root one directory at a time without following links, below /run, which
+        only root may write: nothing she controls can point it elsewhere."""
+        state, pid = await self._running(user)
         try:
             return await asyncio.to_thread(unix_listener, pid, state.container_id, user, name)
         except OSError as exc:
@@ -317,12 +312,7 @@ class DockerBackend(Backend):
         """Connected to the socket file `path` in her container, if it is hers: looked up
         from the host inside her root only (see sockets.resolve_in_root), checked to be a socket
         owned by her, and connected through the very file checked."""
-        info = await self.docker.inspect_container(self.container_name(user))
-        state = self._state(user, info)
-        pid = int((info or {}).get("State", {}).get("Pid") or 0)
-        if not state.running or not pid:
-            raise BackendError("your container is not running", f"{user}: not running",
-                               "not-running")
+        state, pid = await self._running(user)
         try:
             return await asyncio.to_thread(unix_connect, pid, state.container_id, user, path)
         except (OSError, ValueError) as exc:
