@@ -43,7 +43,9 @@ class KRLError(ValueError):
         self.line = line
 
 
-class _Reader:
+class WireReader:
+    """SSH wire-format fields (uint32, uint64, string) read in order; KRLError if short."""
+
     def __init__(self, data: bytes, what: str) -> None:
         self.data, self.pos, self.what = data, 0, what
 
@@ -110,7 +112,7 @@ class Revocations:
 
 def parse_krl(data: bytes) -> Revocations:
     """An OpenSSH KRL (``ssh-keygen -k``) into `Revocations`; KRLError if malformed."""
-    r = _Reader(data, "KRL header")
+    r = WireReader(data, "KRL header")
     if r.take(8) != KRL_MAGIC:
         raise KRLError("not an OpenSSH KRL")
     version = r.uint32()
@@ -121,7 +123,7 @@ def parse_krl(data: bytes) -> Revocations:
     out = Revocations()
     while r:
         kind = r.byte()
-        body = _Reader(r.string(), f"KRL section {kind}")
+        body = WireReader(r.string(), f"KRL section {kind}")
         if kind == _SECTION_CERTIFICATES:
             _parse_cert_section(body, out)
         elif kind == _SECTION_EXPLICIT_KEY:
@@ -142,13 +144,13 @@ def parse_krl(data: bytes) -> Revocations:
     return out
 
 
-def _parse_cert_section(body: _Reader, out: Revocations) -> None:
+def _parse_cert_section(body: WireReader, out: Revocations) -> None:
     ca = body.string()
     body.string()  # reserved
     section = out.by_ca.setdefault(ca, _CertRevocations())
     while body:
         kind = body.byte()
-        sub = _Reader(body.string(), f"KRL certificate subsection {kind:#x}")
+        sub = WireReader(body.string(), f"KRL certificate subsection {kind:#x}")
         if kind == _CERT_SERIAL_LIST:
             while sub:
                 section.serials.add(sub.uint64())
