@@ -8,6 +8,7 @@ real DinD container.  Refusals are checked in the audit log, with their reasons.
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import time
 from collections.abc import Iterator
@@ -15,9 +16,9 @@ from pathlib import Path
 
 import pytest
 
-from gateway.config import ConfigError, load_gateway_config
+from gateway.config import ConfigError, GatewayConfig, User, load_gateway_config
 from gateway.krl import parse_revoked
-from gateway.ssh.certs import read_certificate
+from gateway.ssh.certs import CertPolicy, CertRefused, read_certificate
 
 from .conformance.conftest import InProcessGateway
 from .conftest import pubkey, remove_labelled, unmount_under, wait_for
@@ -260,6 +261,32 @@ def test_no_port_forwarding_without_permit(gw: InProcessGateway, issuer: Issuer)
     assert r.returncode == 0, r.stderr
 
 
+def test_agent_forwarding_only_with_permit(gw: InProcessGateway, issuer: Issuer,
+                                          tmp_path: Path) -> None:
+    sock = tmp_path / "agent.sock"
+    agent = subprocess.Popen(["ssh-agent", "-D", "-a", str(sock)], stdout=subprocess.DEVNULL)
+    try:
+        assert wait_for(sock.exists, 10)
+        env = {**os.environ, "SSH_AUTH_SOCK": str(sock)}
+        subprocess.run(["ssh-add", "-q", str(gw.keys["other"])], env=env, check=True,
+                       capture_output=True)
+        for key_id, options, expect in (("agent", (), True),
+                                        ("no-agent", ("no-agent-forwarding",), False)):
+            key = issuer.issue("alice", key_id=key_id, options=options)
+            gw.keys[key.name] = key
+            r = subprocess.run(
+                [*gw.ssh_args("alice", key.name, "-A", "-o", f"CertificateFile={cert_of(key)}"),
+                 'echo "${SSH_AUTH_SOCK-none}"'], env=env, capture_output=True, text=True,
+                timeout=60)
+            assert r.returncode == 0, r.stderr
+            assert (r.stdout.strip() != "none") is expect, (key_id, r.stdout)
+        refused = [e for e in audit(gw, "agent.refused") if e["user"] == "alice"]
+        assert refused and refused[-1]["reason"] == "agent forwarding is disabled for this key"
+    finally:
+        agent.terminate()
+        agent.wait(10)
+
+
 # --- principals ---------------------------------------------------------------------------------
 
 def test_users_yaml_principals(gw: InProcessGateway, issuer: Issuer) -> None:
@@ -301,7 +328,7 @@ def test_certificate_expiring_mid_session_keeps_the_session(gw: InProcessGateway
     """As sshd: validity is checked at login; an open session outlives its certificate, a
     new login with it is refused."""
     now = int(time.time())
-    until = now + 4
+    until = now + 6  # time enough to log in first, even on a loaded machine
     stamp = time.strftime("%Y%m%d%H%M%S", time.localtime(until))
     key = issuer.issue("alice", key_id="short-lived", validity=f"-1m:{stamp}")
     gw.keys[key.name] = key
@@ -392,6 +419,38 @@ def test_krl_sections_parsed_like_ssh_keygen(tmp_path: Path, issuer: Issuer) -> 
     assert revoked.key_revoked(_blob(user.with_suffix(".pub")))
     assert revoked.key_revoked(_blob(hashed.with_suffix(".pub")))
     assert not revoked.key_revoked(_blob(issuer.ca.with_suffix(".pub")))
+
+
+def test_revoked_ca_and_unusable_krl_fail_closed(tmp_path: Path, issuer: Issuer) -> None:
+    """The policy alone (no gateway): a revoked CA refuses all its certificates; a KRL that
+    disappears or turns to garbage refuses every key until it is fixed, then is re-read."""
+    krl = tmp_path / "ca.krl"
+    subprocess.run(["ssh-keygen", "-q", "-k", "-f", str(krl),
+                    str(issuer.other_ca.with_suffix(".pub"))], check=True)
+    config = GatewayConfig.default(tmp_path, backend="fake",
+                                   trusted_user_ca_keys=str(issuer.other_ca.with_suffix(".pub")),
+                                   revoked_keys=str(krl))
+    policy = CertPolicy(config)
+    alice = User("alice")
+    blob = _blob(cert_of(issuer.issue("alice", key_id="via-revoked-ca", ca=issuer.other_ca)))
+    with pytest.raises(CertRefused) as info:
+        policy.screen(blob, alice, "alice", "127.0.0.1")
+    assert info.value.reason == "revoked CA" and info.value.cert is not None
+    assert info.value.cert.key_id == "via-revoked-ca"
+    subprocess.run(["ssh-keygen", "-q", "-k", "-f", str(krl)], check=True)  # now empty
+    assert policy.screen(blob, alice, "alice", "127.0.0.1").cert is not None
+    krl.write_bytes(b"SSHKRL\n\0garbage")
+    with pytest.raises(CertRefused) as info:
+        policy.screen(blob, alice, "alice", "127.0.0.1")
+    assert info.value.reason.startswith("revoked_keys unusable"), info.value.reason
+    plain = _blob(issuer.ca.with_suffix(".pub"))
+    with pytest.raises(CertRefused):
+        policy.screen(plain, alice, "alice", "127.0.0.1")
+    krl.unlink()
+    with pytest.raises(CertRefused):
+        policy.screen(blob, alice, "alice", "127.0.0.1")
+    subprocess.run(["ssh-keygen", "-q", "-k", "-f", str(krl)], check=True)
+    assert policy.screen(plain, alice, "alice", "127.0.0.1").cert is None
 
 
 def _blob(pub: Path) -> bytes:
