@@ -157,6 +157,8 @@ class Connection(asyncssh.SSHServer):
         self.conn.set_authorized_keys(verdict.authorized)  # type: ignore[arg-type]
         ok = await self._asyncssh_validate(username, key_data, msg, signature)
         if verdict.cert is None:
+            if ok:
+                self.cert = None  # an earlier certificate query did not end in a login
             return ok  # a plain key: validate_public_key below has decided (and audited)
         if not ok:
             return self._auth_failed(username, "publickey", "bad certificate signature",
@@ -194,7 +196,7 @@ class Connection(asyncssh.SSHServer):
             if not user.disabled and user.password:
                 # bcrypt/argon2 are slow on purpose: keep them off the event loop.
                 if await asyncio.to_thread(verify_password, password, user.password):
-                    self.user, self.key = user, None
+                    self.user, self.key, self.cert = user, None, None
                     return True
                 reason = "wrong password"
         return self._auth_failed(username, "password", reason)
