@@ -8,6 +8,7 @@ real DinD container.  Refusals are checked in the audit log, with their reasons.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import subprocess
 import time
@@ -140,11 +141,16 @@ def gw(tmp_path_factory: pytest.TempPathFactory, keys: dict[str, Path],
 
 # --- logging in ------------------------------------------------------------------------------
 
-def test_certificate_logs_in_with_no_key_in_users_yaml(gw: InProcessGateway,
-                                                        issuer: Issuer) -> None:
+def test_certificate_logs_in_with_no_key_in_users_yaml(gw: InProcessGateway, issuer: Issuer,
+                                                        caplog: pytest.LogCaptureFixture,
+                                                        ) -> None:
+    caplog.set_level(logging.INFO, "dind_gateway")
     key = issuer.issue("alice", key_id="alice@laptop", validity="+5m", serial=7)
     r = login(gw, "alice", key, "echo", "in as $USER")
     assert r.returncode == 0 and r.stdout == b"in as alice\n", r.stderr
+    # the session log names the certificate's key id
+    assert wait_for(lambda: any("cert='alice@laptop'" in m and "session of alice ended" in m
+                                for m in caplog.messages), 10), caplog.messages[-5:]
     ok = [e for e in audit(gw, "auth.success") if e.get("cert_id") == "alice@laptop"]
     assert ok, audit(gw, "auth.success")
     fingerprint = subprocess.run(["ssh-keygen", "-l", "-E", "sha256", "-f",
@@ -173,6 +179,26 @@ def test_expired_and_not_yet_valid_certificates_are_refused(gw: InProcessGateway
     later = issuer.issue("alice", key_id="later", validity="+1h:+2h")
     assert login(gw, "alice", later, "true").returncode == 255
     assert cert_failure(gw, "later")["reason"] == "certificate not yet valid"
+
+
+def test_host_certificate_and_no_principals_are_refused(gw: InProcessGateway,
+                                                         issuer: Issuer) -> None:
+    host = issuer.issue("alice", key_id="a-host", options=())
+    subprocess.run(["ssh-keygen", "-q", "-s", str(issuer.ca), "-h", "-I", "a-host", "-n",
+                    "alice", str(host.with_suffix(".pub"))], check=True)
+    # the OpenSSH client never offers a host certificate: ask the policy itself
+    with pytest.raises(CertRefused) as info:
+        CertPolicy(gw.app.ctx.config).screen(_blob(cert_of(host)), User("alice"), "alice",
+                                             "127.0.0.1")
+    assert info.value.reason.startswith("not a user certificate"), info.value.reason
+    anyone = host.parent / "anyone"
+    anyone.write_bytes(host.read_bytes())
+    anyone.chmod(0o600)
+    anyone.with_suffix(".pub").write_bytes(host.with_suffix(".pub").read_bytes())
+    subprocess.run(["ssh-keygen", "-q", "-s", str(issuer.ca), "-I", "for-anyone",
+                    str(anyone.with_suffix(".pub"))], check=True)  # no -n: no principals
+    assert login(gw, "alice", anyone, "true").returncode == 255
+    assert cert_failure(gw, "for-anyone")["reason"] == "certificate names no principals"
 
 
 def test_untrusted_ca_is_refused(gw: InProcessGateway, issuer: Issuer) -> None:

@@ -221,6 +221,8 @@ class Connection(asyncssh.SSHServer):
         self.ctx.registry.activity.connection_opened(self.user.name)
         cert = self.cert
         fingerprint = cert.fingerprint if cert else self.key.fingerprint if self.key else None
+        if cert is not None:  # every later log line of this connection names the certificate
+            self.tag = f"conn={self.id} cert={cert.key_id!r}"
         log.info("[%s] auth ok: user=%s peer=%s key=%s%s", self.tag, self.user.name, self.peer,
                  fingerprint or "-", f" cert_id={cert.key_id!r} serial={cert.serial}"
                  if cert else "")
