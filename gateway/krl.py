@@ -183,8 +183,9 @@ def _import_key_line(text: str) -> SSHKey:
         pass
     try:
         return import_certificate(text).key
-    except (KeyImportError, ValueError) as exc:
-        raise KRLError(f"not a public key line ({exc})") from None
+    except (KeyImportError, ValueError):
+        raise KRLError("not an OpenSSH public key line (expected 'ssh-ed25519 AAAA... "
+                       "comment'; was it cut or wrapped?)") from None
 
 
 def parse_key_lines(text: str, *, allow_certs: bool = True) -> list[tuple[int, SSHKey]]:
