@@ -145,9 +145,11 @@ def _peer_address(ip: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | No
     return addr
 
 
-def _line(ca: SSHKey, principals: Sequence[str], options: str = "") -> str:
+def _line(ca: SSHKey, principals: Sequence[str]) -> str:
+    """The authorized_keys line asyncssh gets for a gateway CA (principals are checked to
+    hold no commas or quotes when users.yaml is loaded)."""
     key = ca.export_public_key().decode().strip()
-    return f'{options}cert-authority,principals="{",".join(principals)}" {key}'
+    return f'cert-authority,principals="{",".join(principals)}" {key}'
 
 
 class CertPolicy:
