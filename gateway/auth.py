@@ -46,15 +46,15 @@ def parse_port(text: str, *, allow_zero: bool) -> int:
 _FLAG_OPTIONS = frozenset({
     "restrict", "pty", "no-pty", "port-forwarding", "no-port-forwarding",
     "agent-forwarding", "no-agent-forwarding", "x11-forwarding", "no-x11-forwarding",
-    "user-rc", "no-user-rc", "no-touch-required", "verify-required",
+    "user-rc", "no-user-rc", "no-touch-required", "verify-required", "cert-authority",
 })
 _VALUE_OPTIONS = frozenset({"command", "environment", "expiry-time", "from", "permitlisten",
-                            "permitopen"})
+                            "permitopen", "principals"})
 _UNSUPPORTED_OPTIONS = {
-    "cert-authority": "certificate authorities are not supported; list plain public keys",
-    "principals": "principals= only applies to cert-authority, which is not supported",
     "tunnel": "tun device forwarding is not supported",
 }
+# what a principal may be: it is written into principals="a,b" lines, so no separators
+PRINCIPAL_RE = re.compile(r'[^\s,"\\]+')
 _ENV_NAME_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 _EXPIRY_RE = re.compile(r"(\d{8}|\d{12}|\d{14})Z?")
 
@@ -128,7 +128,7 @@ def _diagnose_key(text: str) -> str:
         return "no public key after the options"
     kind = parts[0]
     if kind in _CERT_TYPES:
-        return "OpenSSH certificates are not supported; list the plain public key"
+        return _CERT_AS_KEY
     if kind not in _KEY_TYPES:
         return (f"{kind!r} is not a public key type; expected a line like "
                 "'[options] ssh-ed25519 AAAA... comment'")
@@ -147,6 +147,18 @@ def _diagnose_key(text: str) -> str:
     except KeyImportError as exc:
         return f"invalid {kind} key data ({exc}); is it truncated? copy the whole .pub line"
     return "unrecognized key line"
+
+
+_CERT_AS_KEY = ("a certificate cannot be listed as a key: trust the CA that signs it "
+                "(cert-authority ... <CA public key>, or trusted_user_ca_keys in gateway.yaml), "
+                "or list the plain public key")
+
+
+def check_principal(name: str) -> None:
+    """A principal name as it may appear in a certificate and in principals="..."."""
+    if not PRINCIPAL_RE.fullmatch(name):
+        raise ValueError(f"principal {name!r} must be non-empty, without blanks, commas, "
+                         "quotes or backslashes")
 
 
 def _options_end(text: str) -> int:
@@ -197,6 +209,21 @@ class AuthorizedKey:
         if self.options.get(f"no-{what}"):
             return False
         return not self.restrict or bool(self.options.get(what))
+
+    @property
+    def cert_authority(self) -> bool:
+        """A ``cert-authority`` line: its key is a CA whose user certificates log in."""
+        return bool(self.options.get("cert-authority"))
+
+    @property
+    def principals(self) -> tuple[str, ...] | None:
+        """``principals=`` of a cert-authority line (None: the certificate must name the
+        user herself, as in OpenSSH)."""
+        raw, _ = _key_part(self.text)
+        values = raw.get("principals")
+        if not values:
+            return None
+        return tuple(p for value in values for p in value.split(","))
 
     @property
     def allows_pty(self) -> bool:
@@ -312,6 +339,16 @@ def parse_authorized_key(text: str, line: int | None = None) -> AuthorizedKey:
         else:
             allowed = ", ".join(sorted(_FLAG_OPTIONS | _VALUE_OPTIONS))
             raise ValueError(f"unknown option {name!r}; allowed: {allowed}")
+    if key_text.split()[0] in _CERT_TYPES:
+        raise ValueError(_CERT_AS_KEY)
+    if "principals" in raw_options and "cert-authority" not in raw_options:
+        raise ValueError("principals= only applies to cert-authority lines")
+    for value in raw_options.get("principals", ()):
+        for name in value.split(","):
+            try:
+                check_principal(name)
+            except ValueError as exc:
+                raise ValueError(f'principals="{value}": {exc}') from None
     if len(raw_options.get("command", ())) > 1:
         raise ValueError("command= is given more than once")
     for value in raw_options.get("from", ()):
@@ -395,8 +432,8 @@ def match_key(keys: Sequence[AuthorizedKey], key: SSHKey, peer_ip: str,
     now = now or datetime.now(UTC)
     reason = "key not authorized"
     for entry in keys:
-        if entry.key.public_data != key.public_data:
-            continue
+        if entry.cert_authority or entry.key.public_data != key.public_data:
+            continue  # a CA key vouches for certificates, it does not log in by itself
         if entry.is_expired(now):
             reason = "key expired"
         elif not entry.matches_peer(peer_ip):

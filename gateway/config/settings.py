@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from ..auth import parse_port
+from ..krl import KRLError, TrustedCA, parse_key_lines, parse_revoked
 from .convert import (
     Address,
     Converter,
@@ -155,6 +156,74 @@ def _forward_rules(node: _Node, field: str, errs: _Errors) -> Any:
     return tuple(rules)
 
 
+def _ca_key_sources(node: _Node, field: str, errs: _Errors) -> Any:
+    """trusted_user_ca_keys: one string or a list; each a CA public key line (or several, in
+    a block scalar) or the path of a file of them.  Read later, against the base directory."""
+    if _is_null(node):
+        return ()
+    items = [node] if node.kind == "scalar" else node.value if node.kind == "seq" else None
+    if items is None:
+        errs.add(node, field, "must be a CA public key, a file of CA keys, or a list of them")
+        return _BAD
+    out = []
+    for i, item in enumerate(items):
+        where = f"{field}[{i}]" if node.kind == "seq" else field
+        if item.invalid:
+            continue
+        if item.kind != "scalar" or not isinstance(item.value, str) or not item.value.strip():
+            errs.add(item, where, "must be a CA public key line or a file path")
+            continue
+        out.append((where, item))
+    return tuple(out)
+
+
+_KEY_LINE_PREFIXES = ("ssh-", "ecdsa-", "sk-", "rsa-", "x509v3-")
+
+
+def _load_ca_keys(sources: Sequence[tuple[str, _Node]], base: Path, errs: _Errors,
+                  ) -> tuple[TrustedCA, ...]:
+    """Read the CA keys inline or from their files; errors name the line the bad key is on."""
+    out: list[TrustedCA] = []
+    for where, node in sources:
+        text: str = node.value
+        if "\n" in text.strip() or text.strip().startswith(_KEY_LINE_PREFIXES):
+            label = node.origin or errs.path
+            # a block scalar's text starts on the line after its `|` indicator
+            first = (node.line or 1) - (0 if "\n" in text.strip() else 1)
+        else:
+            path = _absolute(base, text.strip())
+            try:
+                text = path.read_text(encoding="utf-8")
+            except (OSError, UnicodeDecodeError) as exc:
+                why = exc.strerror if isinstance(exc, OSError) else "not UTF-8 text"
+                errs.add(node, where, f"cannot read CA key file {path}: {why}")
+                continue
+            label, first = str(path), 0
+        try:
+            keys = parse_key_lines(text, allow_certs=False)
+        except KRLError as exc:
+            errs.items.append(ConfigError(label, first + (exc.line or 1), where,
+                                          f"bad CA key: {exc}"))
+            continue
+        if not keys:
+            errs.add(node, where, f"no CA public key in {label}")
+        out += [TrustedCA(key, key.get_fingerprint(), f"{label}:{first + n}")
+                for n, key in keys]
+    return tuple(out)
+
+
+def _check_revoked(path: Path, node: _Node, errs: _Errors) -> None:
+    try:
+        parse_revoked(path.read_bytes())
+    except OSError as exc:
+        errs.add(node, "revoked_keys", f"cannot read {path}: {exc.strerror}")
+    except KRLError as exc:
+        if exc.line is not None:
+            errs.items.append(ConfigError(str(path), exc.line, "revoked_keys", str(exc)))
+        else:
+            errs.add(node, "revoked_keys", f"{path}: {exc}")
+
+
 USER_SUBNET_PREFIX = 28  # one /28 per user network: 14 addresses, only two are used
 
 
@@ -280,6 +349,8 @@ _GATEWAY_SPEC: dict[str, Converter] = {
     "audit_backups": _parsed(_int_value(0), what="a whole number"),
     "metrics_listen": _parsed(parse_address, what="host:port", nullable=True),
     "banner": _string(nullable=True),
+    "trusted_user_ca_keys": _ca_key_sources,
+    "revoked_keys": _string(nullable=True, check=_non_blank),
     "help_contact": _string(nullable=True, check=_non_blank),
     "log_level": _choice(LOG_LEVELS),
 }
@@ -330,6 +401,8 @@ class GatewayConfig:
     audit_backups: int  # rotated files kept (audit.log.1 ...)
     metrics_listen: Address | None  # None: no metrics endpoint
     banner: str | None
+    trusted_user_ca_keys: tuple[TrustedCA, ...]  # sshd's TrustedUserCAKeys
+    revoked_keys: Path | None  # sshd's RevokedKeys: a KRL or a file of public keys
     help_contact: str | None  # shown in the login line of interactive shells
     log_level: str
 
@@ -405,6 +478,8 @@ _GATEWAY_DEFAULTS: dict[str, Any] = {
     "audit_backups": 5,
     "metrics_listen": None,
     "banner": None,
+    "trusted_user_ca_keys": None,
+    "revoked_keys": None,
     "help_contact": None,
     "log_level": "info",
 }
@@ -451,6 +526,7 @@ def parse_gateway_config(
                                    errs)
 
     resolved = {name: get(name) for name in _GATEWAY_SPEC}
+    base_for: dict[str, Path] = {}
     ban, ban_max = resolved["ban_seconds"], resolved["ban_max_seconds"]
     if ban_max < ban:
         if "ban_max_seconds" in entries:
@@ -465,6 +541,16 @@ def parse_gateway_config(
         resolved[name] = _absolute(base, resolved[name])
     if resolved["audit_log"] is not None:
         resolved["audit_log"] = _absolute(resolved["state_dir"], resolved["audit_log"])
+    for name in ("trusted_user_ca_keys", "revoked_keys"):
+        node = entries.get(name)
+        base_for[name] = overrides_base_dir if node is not None and node.origin else base_dir
+    resolved["trusted_user_ca_keys"] = _load_ca_keys(resolved["trusted_user_ca_keys"],
+                                                     base_for["trusted_user_ca_keys"], errs)
+    if resolved["revoked_keys"] is not None:
+        revoked = _absolute(base_for["revoked_keys"], resolved["revoked_keys"])
+        resolved["revoked_keys"] = revoked
+        _check_revoked(revoked, entries["revoked_keys"], errs)
+    errs.check()
     return GatewayConfig(path=Path(path) if path is not None else None, **resolved)
 
 

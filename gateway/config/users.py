@@ -23,7 +23,13 @@ from typing import Any, Protocol
 
 from asyncssh import SSHKey
 
-from ..auth import AuthorizedKey, check_password_hash, match_key, parse_authorized_key
+from ..auth import (
+    AuthorizedKey,
+    check_password_hash,
+    check_principal,
+    match_key,
+    parse_authorized_key,
+)
 from .convert import (
     Converter,
     _absolute_path,
@@ -144,6 +150,13 @@ class User:
     image: str | None = None  # None: the gateway's `image`
     groups: tuple[str, ...] = ()  # in the order of the users file's groups: section
     volumes: tuple[SharedVolume, ...] = ()  # of her groups, mounted at their paths
+    principals: tuple[str, ...] = ()  # certificate principals from trusted_user_ca_keys
+
+    @property
+    def cert_principals(self) -> tuple[str, ...]:
+        """Principals a certificate from a trusted_user_ca_keys CA must name (one of): her
+        ``principals:``, by default her own name (sshd's AuthorizedPrincipalsFile)."""
+        return self.principals or (self.name,)
 
     @property
     def has_password_auth(self) -> bool:
@@ -248,14 +261,38 @@ def _keys(node: _Node, field: str, errs: _Errors) -> Any:
     return tuple(keys)
 
 
+def _principals(node: _Node, field: str, errs: _Errors) -> Any:
+    items = [node] if node.kind == "scalar" else node.value if node.kind == "seq" else None
+    if items is None or not items or (node.kind == "scalar" and node.value is None):
+        errs.add(node, field, "must be a principal name or a non-empty list of them")
+        return _BAD
+    out: list[str] = []
+    for i, item in enumerate(items):
+        where = f"{field}[{i}]" if node.kind == "seq" else field
+        if item.invalid:
+            continue
+        value = item.value if item.kind == "scalar" else None
+        text = value if isinstance(value, str) else item.raw if value is not None else None
+        try:
+            if text is None:
+                raise ValueError("must be a principal name")
+            check_principal(text)
+        except ValueError as exc:
+            errs.add(item, where, str(exc))
+            continue
+        out.append(text)
+    return tuple(out)
+
+
 _USER_SPEC: dict[str, Converter] = {
     **_LIMIT_SPEC,
+    "principals": _principals,
     "keys": _keys,
     "password": _string(nullable=True, check=check_password_hash),
 }
 _DEFAULTS_FORBIDDEN = {
     name: f"{name} is per-user and cannot be set in defaults"
-    for name in ("keys", "password")
+    for name in ("keys", "password", "principals")
 }
 
 
@@ -425,6 +462,7 @@ def _build_user(name: str, settings: Mapping[str, Any], defaults: UserDefaults,
         image=pick("image"),
         groups=member_of,
         volumes=volumes,
+        principals=settings.get("principals", ()),
     )
 
 

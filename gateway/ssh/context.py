@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import asyncssh
@@ -14,6 +14,7 @@ from ..backend.base import Progress
 from ..config import GatewayConfig, User, UsersConfig
 from ..observe.events import Events
 from ..services.registry import Registry
+from .certs import CertPolicy
 from .guard import Guard
 from .program import Principal
 
@@ -28,6 +29,10 @@ class SSHContext:
     guard: Guard
     registry: Registry
     users: Callable[[], UsersConfig]  # the current users file (replaced on reload)
+    certs: CertPolicy = field(init=False)  # trusted CAs and revoked_keys, from config
+
+    def __post_init__(self) -> None:
+        self.certs = CertPolicy(self.config)
 
     async def ensure(self, user: User, progress: Progress | None = None) -> EnvState:
         """The user's environment, started with her current limits if need be."""

@@ -18,6 +18,7 @@ from ..auth import AuthorizedKey, match_key, verify_password
 from ..config import User
 from ..errors import GatewayError
 from . import forwarding
+from .certs import Certificate, CertRefused
 from .context import SSHContext
 from .program import Principal
 from .session import GatewaySession
@@ -77,7 +78,8 @@ class Connection(asyncssh.SSHServer):
         self.peer_port = 0
         self.username = ""
         self.user: User = None  # type: ignore[assignment]  # set by auth before any session
-        self.key: AuthorizedKey | None = None
+        self.key: AuthorizedKey | None = None  # a plain key's line, or the cert-authority line
+        self.cert: Certificate | None = None  # the certificate she logged in with
         self.conn: asyncssh.SSHServerConnection | None = None
         self.refused = False  # closed by the guard before the handshake
         self.authenticated = False
@@ -103,6 +105,9 @@ class Connection(asyncssh.SSHServer):
         # asyncssh would listen for the forwarded agent on the gateway host, where anything
         # running as the gateway's user could use it; ours lives in her container instead
         conn.create_agent_listener = self._agent_forwarding_requested  # type: ignore[method-assign]
+        # every offered key and certificate is screened (certs.py) before asyncssh sees it
+        self._asyncssh_validate = conn.validate_public_key
+        conn.validate_public_key = self._key_offered  # type: ignore[method-assign]
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.ctx.guard.closed(self.id)
@@ -138,6 +143,30 @@ class Connection(asyncssh.SSHServer):
     def public_key_auth_supported(self) -> bool:
         return True
 
+    async def _key_offered(self, username: str, key_data: bytes, msg: bytes,
+                           signature: bytes) -> bool:
+        """A key or certificate offered: our certificate policy first, then asyncssh's own
+        checks (signature; for certificates validity, principals and options, as decided)."""
+        assert self.conn is not None
+        user = self.ctx.users().user(username)
+        try:
+            verdict = self.ctx.certs.screen(key_data, user, username, self.peer)
+        except CertRefused as exc:
+            return self._auth_failed(username, "publickey", exc.reason, exc.fingerprint,
+                                     exc.cert)
+        self.conn.set_authorized_keys(verdict.authorized)  # type: ignore[arg-type]
+        ok = await self._asyncssh_validate(username, key_data, msg, signature)
+        if verdict.cert is None:
+            if ok:
+                self.cert = None  # an earlier certificate query did not end in a login
+            return ok  # a plain key: validate_public_key below has decided (and audited)
+        if not ok:
+            return self._auth_failed(username, "publickey", "bad certificate signature",
+                                     verdict.cert.fingerprint, verdict.cert)
+        assert user is not None
+        self.user, self.key, self.cert = user, verdict.entry, verdict.cert
+        return True
+
     def validate_public_key(self, username: str, key: asyncssh.SSHKey) -> bool:
         """Match the offered key against the user's current keys and their restrictions.
 
@@ -167,19 +196,22 @@ class Connection(asyncssh.SSHServer):
             if not user.disabled and user.password:
                 # bcrypt/argon2 are slow on purpose: keep them off the event loop.
                 if await asyncio.to_thread(verify_password, password, user.password):
-                    self.user, self.key = user, None
+                    self.user, self.key, self.cert = user, None, None
                     return True
                 reason = "wrong password"
         return self._auth_failed(username, "password", reason)
 
     def _auth_failed(self, username: str, method: str, reason: str,
-                     fingerprint: str | None = None) -> bool:
+                     fingerprint: str | None = None, cert: Certificate | None = None) -> bool:
         """Log, audit and count one failed attempt; always False (the answer to the client)."""
         what = f"key={fingerprint}" if fingerprint else f"method={method}"
+        if cert is not None:
+            what += f" cert_id={cert.key_id!r} serial={cert.serial} ca={cert.ca_fingerprint}"
         log.warning("[%s] auth failed: user=%s peer=%s %s reason=%s", self.tag, username,
                     self.peer, what, reason)
         self.ctx.events.emit("auth.failure", conn=self.id, peer=self.peer, user=username,
-                                 method=method, key=fingerprint, reason=reason)
+                                 method=method, key=fingerprint, reason=reason,
+                                 **(cert.audit() if cert else {}))
         self.ctx.guard.auth_failed(self.id)
         return False
 
@@ -187,25 +219,37 @@ class Connection(asyncssh.SSHServer):
         self.ctx.guard.auth_succeeded(self.id)
         self.authenticated = True
         self.ctx.registry.activity.connection_opened(self.user.name)
-        fingerprint = self.key.fingerprint if self.key else None
-        log.info("[%s] auth ok: user=%s peer=%s key=%s", self.tag, self.user.name, self.peer,
-                 fingerprint or "-")
+        cert = self.cert
+        fingerprint = cert.fingerprint if cert else self.key.fingerprint if self.key else None
+        if cert is not None:  # every later log line of this connection names the certificate
+            self.tag = f"conn={self.id} cert={cert.key_id!r}"
+        log.info("[%s] auth ok: user=%s peer=%s key=%s%s", self.tag, self.user.name, self.peer,
+                 fingerprint or "-", f" cert_id={cert.key_id!r} serial={cert.serial}"
+                 if cert else "")
         self.ctx.events.emit("auth.success", conn=self.id, peer=self.peer,
-                                 user=self.user.name, method="publickey" if self.key else
-                                 "password", key=fingerprint)
+                                 user=self.user.name, method="publickey" if fingerprint else
+                                 "password", key=fingerprint,
+                                 **(cert.audit() if cert else {}))
 
     # --- key options we enforce ourselves (asyncssh skips them for validated keys) ----
 
     def key_allows(self, what: str) -> bool:
+        """The key line's options and the certificate's permit-* extensions: both must."""
+        if self.cert is not None and not self.cert.permits(what):
+            return False
         if self.key is None:
             return True
         if what == "pty":
             return self.key.allows_pty
         if what == "port-forwarding":
             return self.key.allows_port_forwarding
+        if what == "agent-forwarding":
+            return self.key.allows_agent_forwarding
         return False
 
     def forced_command(self) -> str | None:
+        if self.cert is not None and self.cert.force_command is not None:
+            return self.cert.force_command
         return self.key.forced_command if self.key else None
 
     def notify_and_close(self, message: str) -> None:
@@ -293,8 +337,8 @@ class Connection(asyncssh.SSHServer):
 
     async def _agent_forwarding_requested(self) -> bool:
         """The client asked for `ssh -A`; the socket is made once a session needs it."""
-        allowed = self.ctx.config.allow_agent_forwarding and (
-            self.key is None or self.key.allows_agent_forwarding)
+        allowed = self.ctx.config.allow_agent_forwarding and self.key_allows(
+            "agent-forwarding")
         if not allowed:
             reason = ("agent forwarding is disabled on this gateway"
                       if not self.ctx.config.allow_agent_forwarding
