@@ -88,6 +88,8 @@ def format_ps(rows: list[dict[str, Any]]) -> str:
                       else "no quota", _image_state(r)))
     widths = [max(len(row[i]) for row in table) for i in range(len(head))]
     notes = [f"  {r['user']}: outdated: {r['outdated']}" for r in rows if r.get("outdated")]
+    notes += [f"  {r['user']}: logged in with {', '.join(r['logins'])}" for r in rows
+              if r.get("logins")]
     return "\n".join(["  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip()
                       for row in table] + notes)
 

@@ -515,3 +515,22 @@ def test_certificate_login_into_docker(tmp_path_factory: pytest.TempPathFactory,
         remove_labelled(docker_client, gw.prefix)  # type: ignore[arg-type]
         unmount_under(gw.dir)
 
+
+
+def test_ps_names_the_certificate_of_an_open_session(gw: InProcessGateway,
+                                                     issuer: Issuer) -> None:
+    from gateway.cli import format_ps
+    from gateway.services.admin import call
+
+    key = issuer.issue("alice", key_id="alice@ps-check", serial=42)
+    gw.keys[key.name] = key
+    args = gw.ssh_args("alice", key.name, "-o", f"CertificateFile={cert_of(key)}") + [
+        "echo up; exec sleep 60"]
+    session = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        assert session.stdout.readline() == b"up\n"
+        table = format_ps(call(gw.dir / "state", {"cmd": "ps"}))
+        assert "alice: logged in with cert 'alice@ps-check' (serial 42)" in table, table
+    finally:
+        session.kill()
+        session.wait(10)

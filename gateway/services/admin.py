@@ -153,6 +153,7 @@ class AdminServer:
             rows.append({"user": name, "state": state,
                          "sessions": activity.sessions.get(name, 0),
                          "connections": activity.connections.get(name, 0),
+                         "logins": sorted({c.login for c in self.registry.of_user(name)}),
                          "cache_bytes": st.cache_bytes, "disk": st.disk,
                          "outdated": stale,
                          "upgrade_pending": name in self.upgrader.pending,

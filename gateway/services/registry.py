@@ -23,6 +23,11 @@ class LiveConnection(Protocol):
     user: User
     key: AuthorizedKey | None
 
+    @property
+    def login(self) -> str:
+        """How it logged in, for `ps`: a certificate's key id, a key's fingerprint, password."""
+        ...
+
     def notify_and_close(self, message: str) -> None:
         """One line to every open session's stderr, then a disconnect carrying it too."""
         ...

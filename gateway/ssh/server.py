@@ -124,6 +124,14 @@ class Connection(asyncssh.SSHServer):
                                  user=self.user.name if self.user else None)
 
     @property
+    def login(self) -> str:
+        if self.cert is not None:
+            return f"cert {self.cert.key_id!r} (serial {self.cert.serial})"
+        if self.key is not None:
+            return f"key {self.key.fingerprint}"
+        return "password"
+
+    @property
     def principal(self) -> Principal:
         return Principal(self.user, self.key)
 
