@@ -115,6 +115,7 @@ class App:
             self.registry.activity.touch(state.user)
             log.info("adopted running environment of %s (%s)", state.user,
                      state.container_id[:12])
+            await self.backend.reap(state.user)  # before any new session can start
 
     async def start(self) -> None:
         keys = load_host_keys(self.config.state_dir)

@@ -310,3 +310,43 @@ def test_container_removed_mid_session(gateway: GatewayProc,
     r = gateway.ssh("erin", "cat ~/kept.txt")
     assert r.returncode == 0 and r.stdout == b"kept\n", r.stderr
     assert docker_client.containers.get(gateway.container_name("erin")).id != old.id
+
+
+def test_sessions_left_by_a_killed_gateway_are_ended(make_gateway, keys: dict[str, Path]
+                                                     ) -> None:
+    """After a SIGKILL of the gateway its sessions' clients are gone: the restarted gateway
+    hangs up what they left running in the container (a pty shell's job, a command), kills the
+    rest after the grace, and leaves what she detached alone. PID files do not pile up."""
+    import random
+    import signal
+
+    import pexpect
+
+    gw = make_gateway()
+    gw.write_users({"alice": {"keys": [pubkey(keys["alice"])], "pids": 1000}})
+    gw.start()
+    for _ in range(15):
+        assert gw.ssh("alice", "true").returncode == 0
+    r = gw.ssh("alice", "ls /run/dgw-sessions | wc -l")
+    assert int(r.stdout) <= 2, r.stdout  # ended sessions' files are cleaned up
+    n = random.randrange(10_000, 90_000) * 10
+
+    def alive(k: int) -> bool:
+        return gw.ssh("alice", f"pgrep -f 'slee[p] {k}$' >/dev/null").returncode == 0
+
+    shell = pexpect.spawn(" ".join(gw.ssh_args("alice", None, "-tt")), timeout=60)
+    command = subprocess.Popen(gw.ssh_args("alice") + [f"sleep {n + 1}"],
+                               stdin=subprocess.PIPE)
+    try:
+        shell.sendline(f"setsid sleep {n + 2} </dev/null >/dev/null 2>&1 & sleep {n}")
+        assert wait_for(lambda: all(alive(n + i) for i in range(3)), 60)
+        gw.stop(signal.SIGKILL)
+        gw.start()
+        assert wait_for(lambda: not alive(n) and not alive(n + 1), 60), gw.tail()
+        assert alive(n + 2)  # detached: hers to keep
+        assert "left by the previous gateway process" in gw.tail(200)
+    finally:
+        shell.close(force=True)
+        command.kill()
+        command.wait(10)
+        gw.ssh("alice", f"pkill -f 'slee[p] {n + 2}$'; true")

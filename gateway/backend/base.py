@@ -238,6 +238,10 @@ class Backend(abc.ABC):
     async def health(self) -> str:
         """A short "ok" text, or BackendError when the platform cannot serve."""
 
+    async def reap(self, user: str) -> None:  # noqa: B027 - optional hook
+        """End the sessions a previous gateway process left in this environment (their
+        clients went with it), as sshd's sessions end with their connection."""
+
     async def close(self) -> None:  # noqa: B027 - optional hook
         """Release what the backend holds (connections, spare processes)."""
 

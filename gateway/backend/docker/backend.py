@@ -34,7 +34,7 @@ from ..base import (
 )
 from .disks import DiskError, Disks, share_permissions
 from .engine import DockerClient, DockerError
-from .process import DockerProcess, exec_argv
+from .process import HANGUP_GRACE, KILLER, REAPER, DockerProcess, exec_argv
 from .security import PROFILES, host_config, limit_spec
 from .sockets import NamespaceSockets, bind_listen, unix_connect, unix_listener
 from .spares import Spares, encode_header
@@ -325,6 +325,28 @@ class DockerBackend(Backend):
 
     def environment(self, user: str) -> dict[str, str]:
         return {"DOCKER_HOST": INNER_DOCKER_HOST}
+
+    async def reap(self, user: str) -> None:
+        """Hang up now (before this process takes sessions), kill the rest after the grace."""
+        try:
+            _, out = await self.run(user, ["sh", "-c", REAPER])
+        except BackendError as exc:
+            log.warning("could not end the old sessions of %s: %s", user, exc)
+            return
+        pids = out.decode(errors="replace").split()
+        if not pids:
+            return
+        log.info("hung up %d session(s) of %s left by the previous gateway process",
+                 len(pids), user)
+
+        async def kill_rest() -> None:
+            await asyncio.sleep(HANGUP_GRACE)
+            try:
+                await self.run(user, ["sh", "-c", KILLER, "sh", *pids])
+            except BackendError as exc:
+                log.debug("old sessions of %s: %s", user, exc)
+
+        background(kill_rest())
 
     async def health(self) -> str:
         t0 = time.monotonic()

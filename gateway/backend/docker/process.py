@@ -26,10 +26,31 @@ PIDFILE_DIR = "/run/dgw-sessions"
 SIGNALS = {"ABRT", "ALRM", "FPE", "HUP", "ILL", "INT", "KILL", "PIPE", "QUIT", "SEGV", "TERM",
            "USR1", "USR2"}
 
-# Runs inside the container before the user's program.
-WRAPPER = r"""
+# A session's PID file holds "PID STARTTIME" (field 22 of /proc/PID/stat), so a PID reused by
+# another of her processes is never signalled.  `live_` prints the PID while that very
+# process runs.
+LIVE = r"""
+live_() {
+  set -- $(cat "$1" 2>/dev/null)
+  [ -n "$2" ] && [ "$(sed 's/.*) //' "/proc/$1/stat" 2>/dev/null | cut -d' ' -f20)" = "$2" ] &&
+    echo "$1"
+}
+"""
+
+# Runs inside the container before the user's program.  It sets the terminal size (the engine
+# ignores the initial console size), records its PID so signals can be delivered later, picks
+# the shell and replaces itself with it so the exit status and signals are the program's own.
+# It also removes the PID files of sessions that have ended (they would otherwise fill /run
+# over thousands of logins).
+WRAPPER = LIVE + r"""
 [ -n "$DGW_ROWS" ] && stty rows "$DGW_ROWS" cols "$DGW_COLS" 2>/dev/null
-[ -n "$DGW_PIDFILE" ] && echo $$ > "$DGW_PIDFILE"
+if [ -n "$DGW_PIDFILE" ]; then
+  for f_ in /run/dgw-sessions/*; do
+    [ -f "$f_" ] && [ -z "$(live_ "$f_")" ] && rm -f "$f_"
+  done 2>/dev/null
+  echo "$$ $(sed 's/.*) //' /proc/$$/stat | cut -d' ' -f20)" > "$DGW_PIDFILE"
+fi
+unset -f live_
 sh_=${DGW_SHELL:-/bin/bash}
 [ -x "$sh_" ] || sh_=/bin/bash
 [ -x "$sh_" ] || sh_=/bin/sh
@@ -38,6 +59,27 @@ export SHELL="$sh_"
 cd "$HOME" 2>/dev/null
 [ $# -eq 0 ] && exec "$sh_" -l
 exec "$sh_" -c "$1"
+"""
+
+# What a previous gateway process left: its sessions' clients are gone with it.  As the user:
+# hang up each recorded session (its process group too) and print "PID:STARTTIME" of each;
+# KILLER kills those still there after the grace.
+REAPER = LIVE + r"""
+cd /run/dgw-sessions 2>/dev/null || exit 0
+for f in *; do
+  [ -f "$f" ] || continue
+  p=$(live_ "$f"); s=$(cut -d' ' -f2 "$f"); rm -f "$f"
+  [ -n "$p" ] || continue
+  kill -s HUP -- "-$p" 2>/dev/null; kill -s HUP "$p" 2>/dev/null; echo "$p:$s"
+done
+"""
+KILLER = r"""
+for ps in "$@"; do
+  p=${ps%%:*}
+  [ "$(sed 's/.*) //' "/proc/$p/stat" 2>/dev/null | cut -d' ' -f20)" = "${ps#*:}" ] || continue
+  kill -s KILL -- "-$p" 2>/dev/null; kill -s KILL "$p" 2>/dev/null
+done
+true
 """
 
 Runner = Callable[[str, list[str]], Awaitable[tuple[int, bytes]]]
@@ -113,8 +155,8 @@ class DockerProcess:
             await asyncio.sleep(HANGUP_GRACE)
             if (await self._docker.exec_inspect(self.exec_id)).get("Running"):
                 await self._runner(self._user, [
-                    "sh", "-c", f'p="$(cat {self._pidfile})"; kill -s KILL -- "-$p" 2>/dev/null;'
-                                ' kill -s KILL "$p" 2>/dev/null; true'])
+                    "sh", "-c", LIVE + f'p=$(live_ {self._pidfile}) && {{ kill -s KILL -- "-$p";'
+                    ' kill -s KILL "$p"; } 2>/dev/null; true'])
                 log.info("killed the leftover session process of %s after %.0f s", self._user,
                          HANGUP_GRACE)
         except DockerError as exc:
@@ -133,7 +175,8 @@ class DockerProcess:
             return
         try:
             await self._runner(self._user, ["sh", "-c",
-                                            f'kill -s {name} "$(cat {self._pidfile})"'])
+                                            LIVE + f'p=$(live_ {self._pidfile}) && '
+                                                   f'kill -s {name} "$p"'])
         except DockerError as exc:
             log.debug("signal %s not delivered: %s", name, exc)
 
