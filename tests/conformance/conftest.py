@@ -4,7 +4,8 @@ Every test in this directory runs once per backend: `fake` (local processes, sec
 `docker` (the real engine and DinD image, the default rootless profile) and `kubernetes` (a
 real one-node cluster started once per session by scripts/k8s-cluster.sh, privileged pods).
 The gateway runs in a thread of the test process with its own event loop, so its log lines are
-captured by pytest and shown only when a test fails; clients are the real OpenSSH tools and asyncssh.
+captured by pytest and shown only when a test fails;
+clients are the real OpenSSH tools and asyncssh.
 """
 
 from __future__ import annotations
