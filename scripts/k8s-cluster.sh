@@ -75,6 +75,9 @@ private_apt() {
 # --------------------------------------------------------------------------- build
 build() {
   local ver dir src gopath goroot
+  mkdir -p "$cache"
+  exec 9>"$cache/.lock"
+  flock 9 # one build at a time; a second caller waits and then finds it cached
   if [ -f "$cache/version" ] && [ -f "$cache/$(cat "$cache/version")/.done" ] && [ -z "${DGW_K8S_REFRESH:-}" ]; then
     ver=$(cat "$cache/version")
     say "kubernetes $ver: cached in $cache/$ver"

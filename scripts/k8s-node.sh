@@ -22,13 +22,18 @@ done
 
 # --- cgroups and /sys writable (what dind-init does for the privileged profile)
 mount -o remount,rw /sys 2>/dev/null
-if [ -f /sys/fs/cgroup/cgroup.controllers ]; then
+if [ -f /sys/fs/cgroup/cgroup.controllers ]; then # cgroup v2
   mount -o remount,rw /sys/fs/cgroup 2>/dev/null || mount -o remount,bind,rw /sys/fs/cgroup
   mkdir -p /sys/fs/cgroup/init
   for _ in 1 2 3 4 5; do
     for p in $(cat /sys/fs/cgroup/cgroup.procs); do echo "$p" >/sys/fs/cgroup/init/cgroup.procs 2>/dev/null; done
   done
   for c in $(cat /sys/fs/cgroup/cgroup.controllers); do echo "+$c" >/sys/fs/cgroup/cgroup.subtree_control 2>/dev/null; done
+else # cgroup v1: the tmpfs and every hierarchy read-write (a bind remount; "busy" otherwise)
+  mount -o remount,bind,rw /sys/fs/cgroup 2>/dev/null || mount -o remount,rw /sys/fs/cgroup
+  for mp in $(awk '{ for (i = 7; i <= NF; i++) if ($i == "-") { if ($(i + 1) == "cgroup") print $5; break } }' /proc/self/mountinfo); do
+    mount -o remount,bind,rw "$mp" || log "cannot make $mp writable"
+  done
 fi
 mount --make-rshared / 2>/dev/null
 
