@@ -11,6 +11,7 @@ plain JSON, and its exec helper hard-codes the v4 channel protocol that cannot e
 from __future__ import annotations
 
 import asyncio
+import inspect
 import json
 import logging
 from pathlib import Path
@@ -21,6 +22,11 @@ import aiohttp
 log = logging.getLogger("dind_gateway.backend")
 
 CHANNEL_PROTOCOL = "v4.channel.k8s.io"
+
+
+async def _maybe(value: Any) -> Any:
+    """kubernetes_asyncio made some configuration hooks coroutines over its versions."""
+    return await value if inspect.isawaitable(value) else value
 
 
 class KubeError(Exception):
@@ -62,8 +68,8 @@ class KubeClient:
         cfg = api.configuration
         headers = {}
         if cfg.refresh_api_key_hook is not None:
-            cfg.refresh_api_key_hook(cfg)
-        for auth in cfg.auth_settings().values():
+            await _maybe(cfg.refresh_api_key_hook(cfg))
+        for auth in (await _maybe(cfg.auth_settings())).values():
             if auth.get("in") == "header" and auth.get("value"):
                 headers[auth["key"]] = auth["value"]
         return api.rest_client.pool_manager, cfg.host.rstrip("/"), headers
