@@ -420,9 +420,7 @@ class KubernetesBackend(Backend):
         except KubeError as exc:
             raise BackendError(f"connection to port {port} failed: {exc.message}", str(exc),
                                "connect-failed") from exc
-        ours, theirs = socket.socketpair()
-        ours.setblocking(False)
-        theirs.setblocking(False)
+        ours, theirs = _tcp_pair()
         background(_relay_portforward(ws, ours, user, port))
         return theirs
 
@@ -501,6 +499,18 @@ class KubernetesBackend(Backend):
 
 
 # --- helpers --------------------------------------------------------------------------------
+
+def _tcp_pair() -> tuple[socket.socket, socket.socket]:
+    """Two connected loopback TCP sockets (the contract promises a TCP socket: the SSH layer
+    logs its peer address)."""
+    with socket.create_server(("127.0.0.1", 0)) as server:
+        theirs = socket.create_connection(server.getsockname())
+        ours, _ = server.accept()
+    for s in (ours, theirs):
+        s.setblocking(False)
+        s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    return ours, theirs
+
 
 def _stuck_reason(pod: dict[str, Any]) -> str:
     for cs in (pod.get("status") or {}).get("containerStatuses") or []:
