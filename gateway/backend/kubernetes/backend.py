@@ -242,6 +242,8 @@ class KubernetesBackend(Backend):
             await self._call(self.kube.create(self._path("persistentvolumeclaims"),
                                               self._claim(user, role, claim)))
         await self._call(self.kube.create(self._path("networkpolicies"), self._policy(user)))
+        if self.host_path:
+            await self._claims_bound(user)
         try:
             created = await self.kube.create(self._path("pods"), self._pod_spec(user, limits))
         except KubeError as exc:
@@ -250,6 +252,23 @@ class KubernetesBackend(Backend):
         if created:
             log.info("created pod %s/%s", self.ns, self.pod_name(user))
         return created
+
+    async def _claims_bound(self, user: str) -> None:
+        """Pre-bound claims bind within a second; a pod made before that is found
+        unschedulable and retried only after the scheduler's back-off (~15 s here)."""
+        deadline = time.monotonic() + self.ready_timeout
+        delay = 0.05
+        for claim in self.claim_names(user).values():
+            while True:
+                obj = await self._call(self.kube.get(self._path("persistentvolumeclaims",
+                                                                claim)))
+                if (obj or {}).get("status", {}).get("phase") == "Bound":
+                    break
+                if time.monotonic() > deadline:
+                    raise BackendError("Your storage could not be prepared; please tell your "
+                                       "admin.", f"claim {claim} not bound", "storage")
+                await asyncio.sleep(delay)
+                delay = min(delay * 1.5, 0.5)
 
     def _pv_name(self, claim: str) -> str:
         return f"{self.ns}-{claim}"
