@@ -83,6 +83,16 @@ build() {
     say "kubernetes $ver: cached in $cache/$ver"
     return 0
   fi
+  local need=()
+  command -v dpkg-source >/dev/null || need+=(dpkg-dev)
+  command -v gcc >/dev/null || need+=(gcc libc6-dev)
+  command -v make >/dev/null || need+=(make)
+  command -v flock >/dev/null || need+=(util-linux)
+  if [ ${#need[@]} -gt 0 ]; then
+    step "installing ${need[*]}"
+    apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}" >/dev/null
+  fi
   step "private apt lists"
   private_apt
   ver=$(apt-cache "${apt_opts[@]}" showsrc kubernetes | awk '/^Version:/ { print $2 }' | sort -V | tail -1)
