@@ -40,6 +40,10 @@ def make_backend(config: GatewayConfig, events: Events) -> Backend:
         from .backend.fake import FakeBackend
 
         return FakeBackend(config.state_dir / "fake", events=events)
+    if config.backend == "kubernetes":
+        from .backend import kubernetes
+
+        return kubernetes.from_config(config, events)
     from .backend import docker
 
     return docker.from_config(config, events)

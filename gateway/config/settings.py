@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import fnmatch
 import ipaddress
 import os
@@ -33,8 +34,9 @@ from .users import _is_null
 
 SecurityProfile = Literal["rootless", "hardened", "privileged", "sysbox"]
 SECURITY_PROFILES: tuple[str, ...] = ("rootless", "hardened", "privileged", "sysbox")
-# docker: one DinD container per user; fake: local processes, for fast tests and demos only
-BACKENDS: tuple[str, ...] = ("docker", "fake")
+# docker: one DinD container per user; kubernetes: one DinD pod per user on a cluster;
+# fake: local processes, for fast tests and demos only
+BACKENDS: tuple[str, ...] = ("docker", "kubernetes", "fake")
 IDLE_POLICIES: tuple[str, ...] = ("activity", "strict")
 LOG_LEVELS: tuple[str, ...] = ("debug", "info", "warning", "error", "critical")
 PREFIX_RE = re.compile(r"[a-z][a-z0-9-]{0,20}")
@@ -307,6 +309,66 @@ def _alg_list(kind: str, defaults: Sequence[str]) -> Converter:
     return convert
 
 
+@dataclass(frozen=True)
+class KubernetesSettings:
+    """`kubernetes:` in gateway.yaml, read only with `backend: kubernetes`."""
+
+    kubeconfig: Path | None  # None: the pod's service account (in-cluster)
+    context: str | None
+    namespace: str
+    storage_class: str | None  # None: the cluster's default class
+    host_path: str | None  # pre-bound hostPath volumes under this node directory (dev)
+    home_size: int
+    docker_size: int
+    image_pull_policy: str
+    node_selector: tuple[tuple[str, str], ...]
+    gateway_labels: tuple[tuple[str, str], ...]  # the only pods her NetworkPolicy admits
+
+
+def _str_map(node: _Node, field: str, errs: _Errors) -> Any:
+    if node.kind != "map":
+        errs.add(node, field, "must be a mapping of name: value")
+        return _BAD
+    out = []
+    for name, child in node.value.items():
+        if child.kind != "scalar" or not isinstance(child.value, str | int | float | bool):
+            errs.add(child, f"{field}.{name}", "must be a string")
+            return _BAD
+        out.append((str(name), str(child.value)))
+    return tuple(out)
+
+
+_KUBERNETES_SPEC: dict[str, Converter] = {
+    "kubeconfig": _string(nullable=True, check=_non_blank),
+    "context": _string(nullable=True, check=_non_blank),
+    "namespace": _string(check=_check_prefix),
+    "storage_class": _string(nullable=True, check=_non_blank),
+    "host_path": _string(nullable=True, check=_non_blank),
+    "home_size": _parsed(parse_size, what="a size"),
+    "docker_size": _parsed(parse_size, what="a size"),
+    "image_pull_policy": _choice(("IfNotPresent", "Never", "Always")),
+    "node_selector": _str_map,
+    "gateway_labels": _str_map,
+}
+_KUBERNETES_DEFAULTS: dict[str, Any] = {
+    "kubeconfig": None, "context": None, "namespace": "dind-gateway", "storage_class": None,
+    "host_path": None, "home_size": "10g", "docker_size": "20g",
+    "image_pull_policy": "IfNotPresent", "node_selector": {},
+    "gateway_labels": {"app.kubernetes.io/name": "dind-gateway"},
+}
+
+
+def _kubernetes(node: _Node, field: str, errs: _Errors) -> Any:
+    values = _read_mapping(node, field, _KUBERNETES_SPEC, errs)
+    if values is None:
+        return _BAD
+    for name, default in _KUBERNETES_DEFAULTS.items():
+        if name not in values:
+            values[name] = _KUBERNETES_SPEC[name](_from_python(default, "<built-in>"),
+                                                  f"{field}.{name}", errs)
+    return KubernetesSettings(**values)
+
+
 _GATEWAY_SPEC: dict[str, Converter] = {
     "listen": _parsed(parse_address, what="host:port"),
     "users_file": _string(check=_non_blank),
@@ -353,6 +415,7 @@ _GATEWAY_SPEC: dict[str, Converter] = {
     "revoked_keys": _string(nullable=True, check=_non_blank),
     "help_contact": _string(nullable=True, check=_non_blank),
     "log_level": _choice(LOG_LEVELS),
+    "kubernetes": _kubernetes,
 }
 _PATH_FIELDS = ("users_file", "state_dir")
 
@@ -365,7 +428,7 @@ class GatewayConfig:
     listen: Address
     users_file: Path
     state_dir: Path
-    backend: Literal["docker", "fake"]
+    backend: Literal["docker", "kubernetes", "fake"]
     image: str
     security_profile: SecurityProfile
     prefix: str
@@ -405,6 +468,7 @@ class GatewayConfig:
     revoked_keys: Path | None  # sshd's RevokedKeys: a KRL or a file of public keys
     help_contact: str | None  # shown in the login line of interactive shells
     log_level: str
+    kubernetes: KubernetesSettings
 
     @classmethod
     def default(cls, base_dir: Path | None = None, **overrides: Any) -> GatewayConfig:
@@ -482,6 +546,7 @@ _GATEWAY_DEFAULTS: dict[str, Any] = {
     "revoked_keys": None,
     "help_contact": None,
     "log_level": "info",
+    "kubernetes": {},
 }
 
 
@@ -539,6 +604,10 @@ def parse_gateway_config(
     for name in _PATH_FIELDS:
         base = overrides_base_dir if entries.get(name) and entries[name].origin else base_dir
         resolved[name] = _absolute(base, resolved[name])
+    kube = resolved["kubernetes"]
+    if kube.kubeconfig is not None:
+        resolved["kubernetes"] = dataclasses.replace(
+            kube, kubeconfig=_absolute(base_dir, str(kube.kubeconfig)))
     if resolved["audit_log"] is not None:
         resolved["audit_log"] = _absolute(resolved["state_dir"], resolved["audit_log"])
     for name in ("trusted_user_ca_keys", "revoked_keys"):

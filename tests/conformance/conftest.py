@@ -1,16 +1,21 @@
 """The conformance suite's gateway: in-process (port 0), parametrized by backend.
 
-Every test in this directory runs once per backend: `fake` (local processes, seconds) and
-`docker` (the real engine and DinD image, the default rootless profile).  The gateway runs in
-a thread of the test process with its own event loop, so its log lines are captured by pytest
-and shown only when a test fails; clients are the real OpenSSH tools and asyncssh.
+Every test in this directory runs once per backend: `fake` (local processes, seconds),
+`docker` (the real engine and DinD image, the default rootless profile) and `kubernetes` (a
+real one-node cluster started once per session by scripts/k8s-cluster.sh, privileged pods).
+The gateway runs in a thread of the test process with its own event loop, so its log lines are
+captured by pytest and shown only when a test fails;
+clients are the real OpenSSH tools and asyncssh.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
+import subprocess
 import threading
+import time
 from collections.abc import Callable, Coroutine, Iterator
 from pathlib import Path
 from typing import Any
@@ -20,9 +25,88 @@ import pytest
 from gateway.app import App
 from gateway.config import load_gateway_config
 
-from ..conftest import GatewayProc, pubkey, remove_labelled, unmount_under
+from ..conftest import ROOT, GatewayProc, pubkey, remove_labelled, unmount_under
 
 BACKENDS = os.environ.get("DGW_CONFORMANCE_BACKENDS", "fake,docker").split(",")
+K8S_NODE = os.environ.get("DGW_K8S_NAME", "dgw-k8s-node")
+K8S_HOST_PATH = "/var/lib/k8s/pv"  # on the node's volume (scripts/k8s-node.sh)
+
+
+class Cluster:
+    """The one-node cluster: its kubeconfig and kubectl inside the node."""
+
+    def __init__(self, kubeconfig: Path) -> None:
+        self.kubeconfig = kubeconfig
+
+    def kubectl(self, *args: str, check: bool = True) -> str:
+        r = subprocess.run(["docker", "exec", K8S_NODE, "/k8s/bin/kubectl", "--kubeconfig",
+                            "/var/lib/k8s/admin.kubeconfig", *args], capture_output=True,
+                           text=True, timeout=120)
+        if check and r.returncode != 0:
+            raise RuntimeError(f"kubectl {' '.join(args)}: {r.stderr}")
+        return r.stdout
+
+
+def _node_running() -> bool:
+    r = subprocess.run(["docker", "inspect", "-f", "{{.State.Running}}", K8S_NODE],
+                       capture_output=True, text=True)
+    return r.stdout.strip() == "true"
+
+
+@pytest.fixture(scope="session")
+def k8s_cluster() -> Iterator[Cluster]:
+    """A cluster up for the whole session: reused when one is running (CI starts it before
+    pytest to print its durations), else started here and removed at the end.  A cluster
+    that cannot start fails the tests: it is never a reason to skip."""
+    script = ["bash", str(ROOT / "scripts" / "k8s-cluster.sh")]
+    kubeconfig = Path(os.environ.get("DGW_K8S_CACHE", "/var/cache/dgw-k8s")) / \
+        f"{K8S_NODE}.kubeconfig"
+    kubeconfig = Path(os.environ.get("DGW_K8S_KUBECONFIG", kubeconfig))
+    ours = not (_node_running() and kubeconfig.exists())
+    if ours:
+        t0 = time.monotonic()
+        r = subprocess.run([*script, "up"], capture_output=True, text=True, timeout=3600)
+        if r.returncode != 0:
+            pytest.fail(f"the Kubernetes cluster did not start ({time.monotonic() - t0:.0f} s):"
+                        f"\n{r.stderr[-4000:]}", pytrace=False)
+        kubeconfig = Path(r.stdout.strip().splitlines()[-1])
+    try:
+        yield Cluster(kubeconfig)
+    finally:
+        if ours:
+            subprocess.run([*script, "down"], capture_output=True, timeout=300)
+
+
+@contextlib.contextmanager
+def backend_for(request: pytest.FixtureRequest, kind: str,
+                make: Callable[[dict[str, object]], InProcessGateway]
+                ) -> Iterator[InProcessGateway]:
+    """A started gateway of `kind`, and afterwards everything it made removed."""
+    client = request.getfixturevalue("docker_client") if kind == "docker" else None
+    cluster: Cluster | None = None
+    extra: dict[str, object] = {}
+    if kind == "kubernetes":
+        cluster = request.getfixturevalue("k8s_cluster")
+        extra = {"security_profile": "privileged"}
+    gw = make(extra)
+    if cluster is not None:
+        gw.settings["kubernetes"] = {"kubeconfig": str(cluster.kubeconfig),
+                                     "namespace": gw.prefix, "host_path": K8S_HOST_PATH,
+                                     "image_pull_policy": "Never", "home_size": "1g",
+                                     "docker_size": "2g"}
+        cluster.kubectl("create", "namespace", gw.prefix)
+    try:
+        gw.start()
+        yield gw
+    finally:
+        gw.stop()
+        if client is not None:
+            remove_labelled(client, gw.prefix)
+            unmount_under(gw.dir)
+        if cluster is not None:
+            cluster.kubectl("delete", "namespace", gw.prefix, "--wait=false", check=False)
+            cluster.kubectl("delete", "pv", "-l", f"dind-gateway.instance={gw.prefix}",
+                            "--wait=false", check=False)
 
 
 class InProcessGateway(GatewayProc):
@@ -97,13 +181,6 @@ def live(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactor
          keys: dict[str, Path]) -> Iterator[InProcessGateway]:
     """One in-process gateway per backend, shared by a module's tests."""
     kind = request.param
-    client = request.getfixturevalue("docker_client") if kind == "docker" else None
-    gw = InProcessGateway(tmp_path_factory.mktemp(f"conf-{kind}"), keys, kind)
-    try:
-        gw.start()
+    with backend_for(request, kind, lambda extra: InProcessGateway(
+            tmp_path_factory.mktemp(f"conf-{kind}"), keys, kind, **extra)) as gw:
         yield gw
-    finally:
-        gw.stop()
-        if client is not None:
-            remove_labelled(client, gw.prefix)
-            unmount_under(gw.dir)

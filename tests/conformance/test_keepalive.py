@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from ..conftest import wait_for
-from .conftest import BACKENDS, InProcessGateway
+from .conftest import BACKENDS, InProcessGateway, backend_for
 
 
 class FreezingProxy:
@@ -61,18 +61,10 @@ class FreezingProxy:
 @pytest.fixture(scope="module", params=BACKENDS)
 def alive_gw(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory,
              keys: dict[str, Path]) -> Iterator[InProcessGateway]:
-    client = request.getfixturevalue("docker_client") if request.param == "docker" else None
-    gw = InProcessGateway(tmp_path_factory.mktemp("alive"), keys, request.param,
-                          client_alive_interval="1s", client_alive_count_max=2)
-    try:
-        gw.start()
+    with backend_for(request, request.param, lambda extra: InProcessGateway(
+            tmp_path_factory.mktemp("alive"), keys, request.param, client_alive_interval="1s",
+            client_alive_count_max=2, **extra)) as gw:
         yield gw
-    finally:
-        gw.stop()
-        if client is not None:
-            from ..conftest import remove_labelled, unmount_under
-            remove_labelled(client, gw.prefix)
-            unmount_under(gw.dir)
 
 
 def test_vanished_client_is_dropped(alive_gw: InProcessGateway) -> None:
