@@ -139,6 +139,15 @@ class DockerBackend(Backend):
 
     async def ensure(self, user: str, limits: Limits,
                      progress: Callable[[str], None] | None = None) -> EnvState:
+        try:
+            return await self._ensure(user, limits, progress)
+        except BackendError as exc:  # counted as dgw_spawn_failures_total{reason}
+            self.events.emit("container.failure", user=user,
+                             container=self.container_name(user), reason=exc.reason)
+            raise
+
+    async def _ensure(self, user: str, limits: Limits,
+                      progress: Callable[[str], None] | None = None) -> EnvState:
         async with self._lock(user):
             state = await self.inspect(user)
             if state.running and self._ready.get(user) == (state.container_id, state.started_at):
