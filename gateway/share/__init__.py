@@ -4,7 +4,8 @@ offline image build script.
 In a wheel they are copied into this package (setup.py maps ``gateway.share.dind`` to
 ``images/dind/``, ``gateway.share.config`` to ``config/``, ``gateway.share.scripts`` to
 ``scripts/``, ``gateway.share.packaging`` to ``packaging/``: the systemd unit, the
-Prometheus, alert and Grafana files); in a checkout (or an editable install) they are read where they live.
+Prometheus, alert and Grafana files); in a checkout (or an editable install) they are
+read where they live.
 """
 
 from __future__ import annotations
