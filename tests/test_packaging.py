@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from .conftest import ROOT
+from .conftest import IMAGE, ROOT, GatewayProc, pubkey, unmount_under
 
 DATA_FILES = ("share/dind/Dockerfile", "share/dind/Dockerfile.debian", "share/dind/dind-init",
               "share/config/gateway.yaml", "share/config/users.yaml",
@@ -82,6 +82,33 @@ def test_init_then_check(installed: Path, tmp_path: Path) -> None:
     r = run(cli, "init", "--dir", etc, cwd="/")
     assert r.stdout.count("exists, not overwritten") == 2
     assert (etc / "users.yaml").read_text() == "users: {}\n"
+
+
+def test_installed_gateway_serves_a_login(installed: Path, tmp_path: Path,
+                                          keys: dict[str, Path], docker_client) -> None:
+    """`init`, then the installed command (not the checkout) serves alice her container."""
+    etc = tmp_path / "etc"
+    run(installed / "bin" / "dind-gateway", "init", "--dir", etc, "--state-dir",
+        tmp_path / "state", cwd="/")
+    gw = GatewayProc(tmp_path, keys)
+    conf = yaml.safe_load((etc / "gateway.yaml").read_text())
+    conf.update(listen=f"127.0.0.1:{gw.port}", image=IMAGE, prefix=gw.prefix)
+    (etc / "gateway.yaml").write_text(yaml.safe_dump(conf))
+    (etc / "users.yaml").write_text(yaml.safe_dump(
+        {"users": {"alice": {"keys": [pubkey(keys["alice"])]}}}))
+    gw.proc = subprocess.Popen([installed / "bin" / "dind-gateway", "serve", "--config",
+                                etc / "gateway.yaml"], cwd="/", stdout=subprocess.PIPE,
+                               stderr=open(gw.log, "ab"))  # noqa: SIM115 - the child's
+    try:
+        assert gw.proc.stdout is not None
+        line = gw.proc.stdout.readline().decode()  # printed once it listens
+        assert "listening on" in line, (line, gw.tail())
+        r = gw.ssh("alice", "echo $USER in $(hostname)")
+        assert r.returncode == 0, (r.stderr, gw.tail())
+        assert r.stdout == b"alice in alice-devbox\n"
+    finally:
+        gw.teardown(docker_client)
+        unmount_under(tmp_path / "state")
 
 
 def test_systemd_unit_verifies(installed: Path, tmp_path: Path) -> None:
