@@ -8,6 +8,8 @@ import io
 import ipaddress
 import secrets
 import shutil
+import subprocess
+import sys
 import tarfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -145,3 +147,19 @@ def test_the_mirror_opens_nothing_else(cache: dict, docker_client) -> None:
                 f"http://{bob_ip}:2375/"):
         code, out, _ = sh(gw, "alice", f"curl -s -o /dev/null --max-time 3 {url}; echo rc=$?")
         assert out.strip() != "rc=0", (url, out)
+
+
+def test_purge_detaches_the_mirror(cache: dict, docker_client) -> None:
+    gw = cache["gw"]
+    assert sh(gw, "bob", "true")[0] == 0
+    net = gw.container_name("bob")
+    mirror = cache["mirror"]
+    mirror.reload()
+    assert net in mirror.attrs["NetworkSettings"]["Networks"]
+    r = subprocess.run([sys.executable, "-m", "gateway", "purge", "bob", "--yes", "--config",
+                        str(gw.config)], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, (r.stdout, r.stderr, gw.tail())
+    assert not docker_client.networks.list(names=[net])
+    mirror.reload()
+    assert net not in mirror.attrs["NetworkSettings"]["Networks"]
+    assert mirror.status == "running"
