@@ -89,10 +89,17 @@ class App:
         metrics = Metrics()
         self.events.subscribe(metrics)
 
+        disk_usage = getattr(self.backend, "disk_usage", None)  # quota disks: docker only
+
         async def container_states() -> dict[str, int]:
             counts: dict[str, int] = {}
+            disks: dict[str, tuple[int, int]] = {}
             for env in await self.backend.list_environments():
                 counts[env.status] = counts.get(env.status, 0) + 1
+                found = disk_usage(env.user) if disk_usage is not None else None
+                if found is not None:  # a statvfs of a mounted disk: cheap
+                    disks[env.user] = found
+            metrics.set_disks(disks)
             return counts
 
         def before_scrape() -> None:

@@ -52,6 +52,43 @@ def cmd_check(args: argparse.Namespace) -> int:
     return 0
 
 
+DEFAULT_STATE_DIR = "/var/lib/dind-gateway"
+
+
+def cmd_init(args: argparse.Namespace) -> int:
+    """gateway.yaml and users.yaml from the shipped examples; an existing file is kept."""
+    from . import share
+
+    target = Path(args.dir)
+    target.mkdir(parents=True, exist_ok=True)
+    examples = share.path("config")
+    status = 0
+    for name in ("gateway.yaml", "users.yaml"):
+        dest = target / name
+        if dest.exists():
+            print(f"{dest}: exists, not overwritten")
+            continue
+        text = (examples / name).read_text()
+        if name == "gateway.yaml":  # the example keeps a checkout's state in ./state
+            text = text.replace("\nstate_dir: ../state\n", f"\nstate_dir: {args.state_dir}\n")
+        try:
+            with open(dest, "x") as f:  # never over a file made meanwhile
+                f.write(text)
+        except FileExistsError:
+            print(f"{dest}: exists, not overwritten")
+            continue
+        except OSError as exc:
+            print(f"dind-gateway: cannot write {dest}: {exc}", file=sys.stderr)
+            status = 1
+            continue
+        print(f"{dest}: written from {examples / name}")
+    print(f"next: add users and keys to {target / 'users.yaml'}, build the user image "
+          f"(bash {share.path('scripts') / 'build-images.sh'}), then "
+          f"`dind-gateway check --config {target / 'gateway.yaml'}`; systemd unit: "
+          f"{share.path('packaging') / 'dind-gateway.service'}")
+    return status
+
+
 def _size(n: int | None) -> str:
     if n is None or n < 0:
         return "-"
@@ -168,6 +205,14 @@ def build_parser() -> argparse.ArgumentParser:
     check = sub.add_parser("check", help="validate gateway.yaml and the users file")
     check.add_argument("--config", default=DEFAULT_CONFIG, help="path to gateway.yaml")
     check.set_defaults(func=cmd_check)
+
+    init = sub.add_parser("init", help="write gateway.yaml and users.yaml from the examples "
+                          "(existing files are kept)")
+    init.add_argument("--dir", default=os.path.dirname(DEFAULT_CONFIG) or ".",
+                      help="where to write them (default /etc/dind-gateway)")
+    init.add_argument("--state-dir", default=DEFAULT_STATE_DIR,
+                      help="state_dir written into gateway.yaml (default %(default)s)")
+    init.set_defaults(func=cmd_init)
 
     def admin_parser(name: str, help: str) -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help)

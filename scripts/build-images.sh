@@ -14,7 +14,7 @@
 # Idempotent; safe to re-run. Needs: docker (daemon reachable), and for (a) root + debootstrap.
 #
 # Environment overrides:
-#   BASE_IMAGE (dind-gateway/base:bookworm)  DIND_IMAGE (dind-gateway/dind:latest)
+#   BASE_IMAGE (dind-gateway/base:bookworm)  DIND_IMAGE (dind-gateway/dind:latest)  DIND_DIR
 #   SUITE (bookworm)  MIRROR (first deb.debian.org-style URI from /etc/apt/sources.list*,
 #   else http://deb.debian.org/debian)  EXTRA_PACKAGES (comma list)  FORCE_BASE=1  FORCE_DIND=1
 set -euo pipefail
@@ -23,7 +23,9 @@ REPO_ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 BASE_IMAGE=${BASE_IMAGE:-dind-gateway/base:bookworm}
 DIND_IMAGE=${DIND_IMAGE:-dind-gateway/dind:latest}
 SUITE=${SUITE:-bookworm}
-DIND_DIR="$REPO_ROOT/images/dind"
+DIND_DIR=${DIND_DIR:-$REPO_ROOT/images/dind}
+# installed with the package (gateway/share/scripts/ next to gateway/share/dind/)
+[ -d "$DIND_DIR" ] || DIND_DIR=$REPO_ROOT/dind
 
 # Packages for the base. debootstrap resolves Depends (not Recommends) of these.
 BASE_PACKAGES=(

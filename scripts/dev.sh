@@ -19,6 +19,8 @@ command -v sshd >/dev/null || [ -x /usr/sbin/sshd ] || need_pkgs+=(openssh-serve
 command -v rsync >/dev/null || need_pkgs+=(rsync)
 command -v curl >/dev/null || need_pkgs+=(curl)
 command -v mkfs.xfs >/dev/null || need_pkgs+=(xfsprogs)  # per-user disk quotas
+command -v systemd-analyze >/dev/null || need_pkgs+=(systemd)  # tests: verify the unit
+command -v docker-registry >/dev/null || need_pkgs+=(docker-registry)  # tests: registry mirror
 python3 -c 'import ensurepip, venv' 2>/dev/null || need_pkgs+=(python3-venv)
 if [ ${#need_pkgs[@]} -gt 0 ]; then
   say "installing ${need_pkgs[*]}"

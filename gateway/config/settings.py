@@ -7,7 +7,7 @@ import fnmatch
 import ipaddress
 import os
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -226,6 +226,54 @@ def _check_revoked(path: Path, node: _Node, errs: _Errors) -> None:
             errs.add(node, "revoked_keys", f"{path}: {exc}")
 
 
+_REGISTRY_RE = re.compile(r"[A-Za-z0-9]([A-Za-z0-9.-]*[A-Za-z0-9])?(:[0-9]{1,5})?")
+
+
+def _registry_url(value: Any) -> str:
+    """registry_mirror: http(s)://host[:port], nothing after it (dind-init writes it into
+    daemon.json, so only these characters ever reach it)."""
+    if not isinstance(value, str):
+        raise ValueError(f"must be a URL like http://mirror.local:5000, not {value!r}")
+    text = value.strip().rstrip("/")
+    scheme, sep, rest = text.partition("://")
+    if not sep or scheme not in ("http", "https") or not _REGISTRY_RE.fullmatch(rest):
+        raise ValueError(f"{value!r} is not a URL like http://mirror.local:5000 or "
+                         "https://mirror.example.com (scheme, host, optional port; no path)")
+    return text
+
+
+def _registry_host(value: Any) -> str:
+    if not isinstance(value, str) or not _REGISTRY_RE.fullmatch(value.strip()):
+        raise ValueError(f"{value!r} is not a registry host[:port] like registry.local:5000")
+    return value.strip()
+
+
+def _string_list(item: Callable[[Any], Any], what: str) -> Converter:
+    def convert(node: _Node, field: str, errs: _Errors) -> Any:
+        if _is_null(node):
+            return ()
+        if node.kind != "seq":
+            errs.add(node, field, f"must be a list of {what}")
+            return _BAD
+        out = []
+        for i, child in enumerate(node.value):
+            if child.invalid:
+                continue
+            value = _parsed(item, what=what)(child, f"{field}[{i}]", errs)
+            if value is not _BAD:
+                out.append(value)
+        return tuple(out)
+
+    return convert
+
+
+def _image_ref(value: Any) -> str:
+    if not isinstance(value, str):
+        raise ValueError(f"must be an image reference, not {value!r}")
+    _check_image(value)
+    return value
+
+
 USER_SUBNET_PREFIX = 28  # one /28 per user network: 14 addresses, only two are used
 
 
@@ -401,6 +449,9 @@ _GATEWAY_SPEC: dict[str, Converter] = {
     "allow_agent_forwarding": _boolean,
     "allow_remote_forwarding": _boolean,
     "user_network_pool": _parsed(_network_pool, what="an IPv4 network"),
+    "registry_mirror": _parsed(_registry_url, what="a URL", nullable=True),
+    "insecure_registries": _string_list(_registry_host, "registry host[:port] names"),
+    "preload_images": _string_list(_image_ref, "image references"),
     "ciphers": _alg_list("cipher", DEFAULT_CIPHERS),
     "kex_algorithms": _alg_list("key exchange algorithm", DEFAULT_KEX_ALGS),
     "host_key_algorithms": _alg_list("host key algorithm", DEFAULT_HOST_KEY_ALGS),
@@ -454,6 +505,11 @@ class GatewayConfig:
     allow_agent_forwarding: bool  # ssh -A: the client's agent as a socket in her container
     allow_remote_forwarding: bool  # ssh -R: listeners on her container's loopback
     user_network_pool: ipaddress.IPv4Network  # carved into one /28 per user network
+    # every inner daemon's registry-mirrors (a container's name as host: that container is
+    # attached to each user network and reached at an address of hers) ...
+    registry_mirror: str | None
+    insecure_registries: tuple[str, ...]  # ... and insecure-registries
+    preload_images: tuple[str, ...]  # host-engine images loaded into each new inner daemon
     ciphers: tuple[str, ...]  # SSH encryption algorithms offered
     kex_algorithms: tuple[str, ...]  # key exchange algorithms offered
     host_key_algorithms: tuple[str, ...]  # host-key signature algorithms offered
@@ -532,6 +588,9 @@ _GATEWAY_DEFAULTS: dict[str, Any] = {
     "allow_agent_forwarding": True,
     "allow_remote_forwarding": True,
     "user_network_pool": "10.213.0.0/16",
+    "registry_mirror": None,
+    "insecure_registries": [],
+    "preload_images": [],
     "ciphers": list(DEFAULT_CIPHERS),
     "kex_algorithms": list(DEFAULT_KEX_ALGS),
     "host_key_algorithms": list(DEFAULT_HOST_KEY_ALGS),

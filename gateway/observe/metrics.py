@@ -78,6 +78,13 @@ class Metrics:
                                buckets=READY_BUCKETS, registry=r)
         self.docker_up = Gauge("dgw_docker_up", "1 if the Docker engine answered the last scrape",
                                registry=r)
+        self.spawn_failures = Counter("dgw_spawn_failures",
+                                      "Environments that failed to start or become ready, by "
+                                      "reason", ["reason"], registry=r)
+        self.disk_used = Gauge("dgw_disk_used_bytes", "Bytes used on a user's quota disk "
+                               "(home + image cache; mounted disks only)", ["user"], registry=r)
+        self.disk_quota = Gauge("dgw_disk_quota_bytes", "Size of a user's quota disk",
+                                ["user"], registry=r)
         self.config_reloads = Counter("dgw_config_reloads", "users.yaml reloads, by result",
                                       ["result"], registry=r)
         for reason in REFUSAL_REASONS:
@@ -115,6 +122,8 @@ class Metrics:
         elif name in ("forward.open", "forward.refused"):
             self.forwards.labels(name.split(".", 1)[1]).inc()
         elif name.startswith("container."):
+            if name == "container.failure":
+                self.spawn_failures.labels(event.get("reason") or "unknown").inc()
             self.container_events.labels(name.split(".", 1)[1]).inc()
             if name == "container.start" and not event.get("adopted") \
                     and event.get("duration") is not None:
@@ -127,6 +136,14 @@ class Metrics:
         self.docker_up.set(0 if counts is None else 1)
         for state in {*CONTAINER_STATES, *(counts or {})}:
             self.containers.labels(state).set((counts or {}).get(state, 0))
+
+    def set_disks(self, usage: dict[str, tuple[int, int]]) -> None:
+        """(used, quota) bytes per user with a mounted quota disk; others are dropped."""
+        self.disk_used.clear()
+        self.disk_quota.clear()
+        for user, (used, quota) in usage.items():
+            self.disk_used.labels(user).set(used)
+            self.disk_quota.labels(user).set(quota)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -5,6 +5,7 @@ from typing import Any
 
 from .backend import LABEL_INSTANCE, LABEL_MANAGED, LABEL_OWNER, DockerBackend
 from .engine import DockerClient, DockerError
+from .registry import RegistryOptions
 from .security import PROFILES, ROOT_EQUIVALENT, check_host
 
 log = logging.getLogger("dind_gateway")
@@ -25,4 +26,6 @@ def from_config(config: Any, events: Any) -> DockerBackend:
         DockerClient(config.docker_url()), image=config.image, prefix=config.prefix,
         profile=profile, ready_timeout=config.ready_timeout, events=events,
         network_pool=str(config.user_network_pool), disks_dir=config.state_dir / "disks",
-        uids_file=config.state_dir / "uids.json")
+        uids_file=config.state_dir / "uids.json",
+        registry=RegistryOptions(config.registry_mirror, config.insecure_registries,
+                                 config.preload_images))

@@ -35,6 +35,7 @@ from ..base import (
 from .disks import DiskError, Disks, share_permissions
 from .engine import DockerClient, DockerError
 from .process import HANGUP_GRACE, KILLER, REAPER, DockerProcess, exec_argv
+from .registry import Mirror, RegistryOptions, preload
 from .security import PROFILES, host_config, limit_spec
 from .sockets import NamespaceSockets, bind_listen, unix_connect, unix_listener
 from .spares import Spares, encode_header
@@ -61,7 +62,8 @@ class DockerBackend(Backend):
                  events: Events | None = None,
                  network_pool: str = "10.213.0.0/16", subnet_prefix: int = 28,
                  prestart: bool = True, disks_dir: Path | None = None,
-                 uids_file: Path | None = None) -> None:
+                 uids_file: Path | None = None,
+                 registry: RegistryOptions | None = None) -> None:
         if profile not in PROFILES:
             raise ValueError(f"unknown security profile {profile!r}")
         self.docker = docker
@@ -85,6 +87,9 @@ class DockerBackend(Backend):
         self._df_cache: tuple[float, dict[str, int]] | None = None
         self.netns = NamespaceSockets()
         self._share_locks: dict[str, asyncio.Lock] = {}
+        # registry mirror and preloaded images (registry.py)
+        self.registry = registry or RegistryOptions()
+        self.mirror = Mirror(docker, self.registry)
 
     # --- names ----------------------------------------------------------------------------
 
@@ -139,6 +144,15 @@ class DockerBackend(Backend):
 
     async def ensure(self, user: str, limits: Limits,
                      progress: Callable[[str], None] | None = None) -> EnvState:
+        try:
+            return await self._ensure(user, limits, progress)
+        except BackendError as exc:  # counted as dgw_spawn_failures_total{reason}
+            self.events.emit("container.failure", user=user,
+                             container=self.container_name(user), reason=exc.reason)
+            raise
+
+    async def _ensure(self, user: str, limits: Limits,
+                      progress: Callable[[str], None] | None = None) -> EnvState:
         async with self._lock(user):
             state = await self.inspect(user)
             if state.running and self._ready.get(user) == (state.container_id, state.started_at):
@@ -151,7 +165,8 @@ class DockerBackend(Backend):
                     await self._made_with_other_ids(user)
                     or await self._replace_outdated(user, limits)):
                 state = EnvState(user=user, exists=False)
-            if not state.exists:
+            created = not state.exists
+            if created:
                 await self._create(user, limits)
                 self.events.emit("container.create", user=user,
                                  container=self.container_name(user))
@@ -168,6 +183,9 @@ class DockerBackend(Backend):
                              duration=round(elapsed, 3), adopted=announce is None)
             if announce:
                 announce(f" ready in {elapsed:.1f} s\n")
+            if created and self.registry.preload:
+                await preload(self.docker, self.container_name(user), user,
+                              self.registry.preload, self.run, announce)
             return state
 
     def _forget(self, user: str) -> None:
@@ -422,6 +440,7 @@ class DockerBackend(Backend):
             self._forget(user)
             await self._ignore_missing("DELETE", f"/containers/{self.container_name(user)}",
                                        query={"force": 1, "v": 0})
+            await self.mirror.detach(self.network_name(user))
             await self._ignore_missing("DELETE", f"/networks/{self.network_name(user)}")
             for vol in self.volume_names(user).values():
                 await self._ignore_missing("DELETE", f"/volumes/{vol}")
@@ -639,7 +658,7 @@ class DockerBackend(Backend):
             "Image": self.image_of(limits),
             "Hostname": f"{user}-devbox",
             "Env": [f"DGW_USER={user}", *(await self.ids(user)).env(),
-                    f"DGW_PROFILE={self.profile}"],
+                    f"DGW_PROFILE={self.profile}", *(await self.mirror.daemon_env(net))],
             "Labels": self.labels(user, **{LABEL_SHARES: self._shares_label(limits)}),
             "HostConfig": {
                 "Init": True,
