@@ -18,6 +18,7 @@ command -v sshd >/dev/null || [ -x /usr/sbin/sshd ] || need_pkgs+=(openssh-serve
 [ -x /usr/lib/openssh/sftp-server ] || need_pkgs+=(openssh-sftp-server)
 command -v rsync >/dev/null || need_pkgs+=(rsync)
 command -v curl >/dev/null || need_pkgs+=(curl)
+command -v git >/dev/null || need_pkgs+=(git)  # tests: git over ssh
 command -v mkfs.xfs >/dev/null || need_pkgs+=(xfsprogs)  # per-user disk quotas
 command -v systemd-analyze >/dev/null || need_pkgs+=(systemd)  # tests: verify the unit
 command -v docker-registry >/dev/null || need_pkgs+=(docker-registry)  # tests: registry mirror
