@@ -14,7 +14,7 @@ import pytest
 from gateway.auth import hash_password
 
 from .conftest import ROOT, GatewayProc, container_status, pubkey, wait_for
-from .test_config import BAD_USERS
+from .unit.test_config import BAD_USERS
 
 
 def cli(gw: GatewayProc, *args: str, input: str | None = None) -> subprocess.CompletedProcess:
