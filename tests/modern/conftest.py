@@ -71,7 +71,8 @@ class Guest:
     def write(self, path: str, text: str) -> None:
         """Atomically (a rename), so the gateway's reloader never sees half a file."""
         q = shlex.quote(path)
-        self.run(f"cat > {q}.tmp && mv -f {q}.tmp {q}", input=text.encode())
+        self.run(f"mkdir -p $(dirname {q}) && cat > {q}.tmp && mv -f {q}.tmp {q}",
+                 input=text.encode())
 
 
 class VMGateway(GatewayProc):
@@ -98,12 +99,14 @@ class VMGateway(GatewayProc):
         g.write(f"{self.state}/gateway.yaml", yaml.safe_dump(self.settings, sort_keys=False))
         if g.run(f"test -f {self.state}/users.yaml && echo yes", check=False).strip() != "yes":
             self.write_users(self.default_users())
-        g.run(f"cd {g.dir} && setsid {g.python} -m gateway serve --config "
-              f"{self.state}/gateway.yaml >>{self.state}/gateway.log 2>&1 </dev/null & "
-              f"echo $! > {self.state}/pid")
+        # a transient systemd unit: detached from this ssh session, stopped at teardown
+        g.run(f"systemd-run --quiet --unit={self.prefix} --working-directory={g.dir} "
+              f"--property=StandardOutput=append:{self.state}/gateway.log "
+              f"--property=StandardError=append:{self.state}/gateway.log "
+              f"{g.python} -m gateway serve --config {self.state}/gateway.yaml")
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            if g.run(f"kill -0 $(cat {self.state}/pid) && echo up", check=False).strip() != "up":
+            if g.run(f"systemctl is-active {self.prefix}", check=False).strip() != "active":
                 raise RuntimeError(f"gateway exited in the guest:\n{self.tail()}")
             # qemu's port forward accepts at once; the banner proves the gateway answered
             with contextlib.suppress(OSError), socket.create_connection(
@@ -114,9 +117,10 @@ class VMGateway(GatewayProc):
         raise RuntimeError(f"gateway did not listen:\n{self.tail()}")
 
     def stop(self, sig: int = 15) -> None:
-        self.guest.run(f"p=$(cat {self.state}/pid 2>/dev/null) && kill -{sig} $p; "
-                       f"for i in $(seq 100); do kill -0 $p 2>/dev/null || exit 0; sleep 0.2; "
-                       f"done; kill -9 $p", check=False, timeout=scaled(10))
+        self.guest.run(f"systemctl kill --signal={sig} {self.prefix}; for i in $(seq 100); do "
+                       f"systemctl is-active -q {self.prefix} || break; sleep 0.2; done; "
+                       f"systemctl stop {self.prefix}; systemctl reset-failed {self.prefix}",
+                       check=False, timeout=scaled(10))
 
     def tail(self, n: int = 60) -> str:
         return self.guest.run(f"tail -n {n} {self.state}/gateway.log", check=False)

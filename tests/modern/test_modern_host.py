@@ -42,7 +42,8 @@ def test_first_login_then_inner_run_and_build(vmgw: VMGateway) -> None:
                  timeout=scaled(90))
     out = (r.stdout + r.stderr).decode(errors="replace")
     assert r.returncode == 0 and "rootless" in out, out
-    print("inner daemon:", out.strip())
+    assert "Starting your Docker environment" in r.stderr.decode(), out  # (first login)
+    print("inner daemon:", r.stdout.decode().strip())
     code, out = run(vmgw, f"{PROBE_IMAGE} && docker run --rm probe /usr/bin/cat /etc/hostname",
                     timeout=scaled(120))
     assert code == 0 and out.strip(), out
@@ -94,8 +95,8 @@ def test_own_cgroup_v2_limits_are_read_only(vmgw: VMGateway) -> None:
 
 
 def test_disk_quota_enospc(vmgw: VMGateway) -> None:
-    code, out = run(vmgw, "df -B1M --output=size ~ | tail -1")
-    assert code == 0 and 200 < int(out) <= 300, out
+    r = vmgw.ssh("alice", "df -B1M --output=size ~ | tail -1", timeout=scaled(90))
+    assert r.returncode == 0 and 200 < int(r.stdout) <= 300, r
     code, out = run(vmgw, "dd if=/dev/zero of=~/fill bs=1M count=400 2>&1; echo rc=$?; "
                           "rm -f ~/fill", timeout=scaled(60))
     assert "No space left on device" in out and "rc=0" not in out, out
