@@ -51,8 +51,10 @@ def test_first_login_then_inner_run_and_build(vmgw: VMGateway) -> None:
                           "docker build -q -t built ctx >/dev/null && "
                           "docker run --rm built /usr/bin/cat /built", timeout=scaled(120))
     assert code == 0 and out.strip().endswith("built-in-the-vm"), out
-    # what the guest's engine applied to her container
-    print("container AppArmor profile:", vmgw.inspect("alice", "{{.AppArmorProfile}}"))
+    # not unconfined: docker-default plus only the mounts rootless needs (security.py)
+    assert vmgw.inspect("alice", "{{.AppArmorProfile}}") == "dgw-rootless"
+    assert "dgw-rootless (enforce)" in vmgw.guest.run(
+        "cat /sys/kernel/security/apparmor/profiles")
 
 
 def test_caps_in_the_cgroup_v2_files(vmgw: VMGateway) -> None:
@@ -100,7 +102,8 @@ def test_disk_quota_enospc(vmgw: VMGateway) -> None:
     code, out = run(vmgw, "dd if=/dev/zero of=~/fill bs=1M count=400 2>&1; echo rc=$?; "
                           "rm -f ~/fill", timeout=scaled(60))
     assert "No space left on device" in out and "rc=0" not in out, out
-    assert run(vmgw, "echo bob-fine", user="bob") == (0, "bob-fine\n")
+    r = vmgw.ssh("bob", "echo bob-fine", timeout=scaled(90))  # (may be his first login)
+    assert (r.returncode, r.stdout) == (0, b"bob-fine\n"), r
 
 
 def test_local_forward_to_a_published_inner_port(vmgw: VMGateway) -> None:
@@ -137,6 +140,36 @@ def test_sftp_of_a_file(vmgw: VMGateway, tmp_path: Path) -> None:
     assert (tmp_path / "back.bin").read_bytes() == src.read_bytes()
     code, out = run(vmgw, "sha256sum payload.bin && rm payload.bin")
     assert out.split()[0] == hashlib.sha256(src.read_bytes()).hexdigest(), out
+
+
+def test_init_cgroup_v2_nesting_under_hardened(guest: Guest) -> None:
+    """dind-init's cgroup v2 branch (hardened/privileged only: rootless has no capability to
+    touch cgroupfs): PID 1 moved to /sys/fs/cgroup/init, controllers delegated, so the inner
+    dockerd (root, cgroupfs driver) enforces an inner --memory. Run by hand with the flags
+    security.host_config("hardened") gives, not through the gateway (one gateway port)."""
+    name = f"dgwvm-hardened-{secrets.token_hex(3)}"
+    flags = ("--init --cgroupns=private --cap-add SYS_ADMIN --cap-add NET_ADMIN "
+             "--security-opt seccomp=unconfined --security-opt apparmor=unconfined "
+             "--security-opt systempaths=unconfined -e DGW_USER=alice -e DGW_PROFILE=hardened "
+             f"-v {name}:/var/lib/docker")
+    guest.run(f"docker run -d --name {name} {flags} {guest.image}")
+    try:
+        ok = wait_for(lambda: guest.run(f"docker exec {name} docker info >/dev/null 2>&1 && "
+                                        "echo up", check=False).strip() == "up",
+                      scaled(12), interval=2)
+        assert ok, guest.run(f"docker logs --tail 30 {name} 2>&1", check=False)
+        out = guest.run(f"docker exec {name} sh -c 'cat /sys/fs/cgroup/cgroup.subtree_control; "
+                        "cat /sys/fs/cgroup/init/cgroup.procs | wc -l; "
+                        "cat /sys/fs/cgroup/cgroup.procs | wc -l'")
+        controllers, in_init, in_root = out.splitlines()
+        assert {"memory", "pids", "cpu"} <= set(controllers.split()), out
+        assert int(in_init) >= 1 and int(in_root) == 0, out
+        script = (f"cd / && {PROBE_IMAGE} && docker run --rm -m 64m --pids-limit 50 probe "
+                  "/usr/bin/cat /sys/fs/cgroup/memory.max /sys/fs/cgroup/pids.max\n")
+        out = guest.run(f"docker exec -i {name} sh", input=script.encode(), timeout=scaled(120))
+        assert out.split() == ["67108864", "50"], out
+    finally:
+        guest.run(f"docker rm -f {name}; docker volume rm {name}", check=False)
 
 
 # ------------------------------------------------------------- the escape suite's probes
