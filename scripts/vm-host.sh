@@ -292,11 +292,19 @@ guest_engine() {
           docker info -f "engine {{.ServerVersion}}: cgroup v{{.CgroupVersion}} ({{.CgroupDriver}}), {{.SecurityOptions}}"' >&2
 }
 
+project_tar() {
+    cd "$REPO_ROOT"
+    if command -v git >/dev/null && git rev-parse --git-dir >/dev/null 2>&1; then
+        # The working tree as it is (tracked and new files, not what .gitignore excludes).
+        git ls-files -z --cached --others --exclude-standard |
+            xargs -0 -I{} sh -c 'test -e "{}" && printf "%s\0" "{}"' | tar --null -T - -c
+    else
+        tar -c --exclude=./.venv --exclude=./.git --exclude=./.pytest-shims .
+    fi
+}
+
 copy_project() {
-    # The working tree as it is (tracked and new files, not what .gitignore excludes).
-    (cd "$REPO_ROOT" && git ls-files -z --cached --others --exclude-standard |
-        xargs -0 -I{} sh -c 'test -e "{}" && printf "%s\0" "{}"' |
-        tar --null -T - -c) | gssh "rm -rf $GUEST_DIR && mkdir -p $GUEST_DIR && tar -x -C $GUEST_DIR"
+    project_tar | gssh "rm -rf $GUEST_DIR && mkdir -p $GUEST_DIR && tar -x -C $GUEST_DIR"
     tar -c -C "$WHEELS/site-packages" . | gssh "mkdir -p /root/site-packages && tar -x -C /root/site-packages"
 }
 
@@ -322,6 +330,13 @@ main() {
     trap teardown EXIT
     trap 'exit 143' TERM   # (a CI timeout: the EXIT trap still tears down)
     trap 'exit 130' INT
+    # One VM on this machine at a time (2 cores, shared), and one builder of the cache.
+    mkdir -p "$VM_CACHE"
+    exec 8>"$VM_CACHE/.lock"
+    if ! flock -n 8; then
+        log "another vm-host.sh runs here; waiting for it (up to 1 h)"
+        flock -w 3600 8 || die "the other vm-host.sh did not finish within an hour"
+    fi
     step "host tools" install_host_tools
     step "guest image" build_image
     [ "$mode" = build ] && return 0
