@@ -11,7 +11,7 @@ setup(
     packages=find_packages(include=["gateway*"]) + list(DATA),
     package_dir=DATA,
     package_data={
-        "gateway.backend.docker": ["profiles/*.json"],
+        "gateway.backend.docker": ["profiles/*.json", "profiles/apparmor-rootless"],
         "gateway.share.dind": ["*"],
         "gateway.share.config": ["*.yaml"],
         "gateway.share.scripts": ["build-images.sh"],

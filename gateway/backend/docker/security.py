@@ -9,6 +9,9 @@ from __future__ import annotations
 
 import functools
 import json
+import logging
+import shutil
+import subprocess
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -23,6 +26,10 @@ ROOT_EQUIVALENT = ("hardened", "privileged")
 # pass `docker stop`'s signal to her daemon.  Everything else of Docker's default set goes.
 ROOTLESS_CAPS = ["CHOWN", "DAC_OVERRIDE", "FOWNER", "SETUID", "SETGID", "KILL"]
 TMP_DEFAULT = 1 << 30  # /tmp size when memory is unlimited (tmpfs counts against memory)
+# The rootless profile's AppArmor profile (profiles/apparmor-rootless, loaded by check_host).
+APPARMOR_PROFILE = "dgw-rootless"
+
+log = logging.getLogger("dind_gateway")
 
 
 def host_config(profile: str, limits: Limits) -> dict[str, Any]:
@@ -31,9 +38,10 @@ def host_config(profile: str, limits: Limits) -> dict[str, Any]:
         tmp = f"exec,size={limits.memory or TMP_DEFAULT}"
         opts = [f"seccomp={rootless_seccomp()}"]
         if apparmor_enabled():
-            # docker-default forbids mount(2), which rootlesskit needs in its own user
-            # namespace (not verified here: this host has no AppArmor).
-            opts.append("apparmor=unconfined")
+            # docker-default denies mount(2), which rootlesskit and slirp4netns need in her
+            # own user namespace (her daemon fails with "slirp4netns failed"): dgw-rootless is
+            # docker-default with mount allowed; unconfined only where it cannot be loaded.
+            opts.append(f"apparmor={_apparmor_loaded() or 'unconfined'}")
         return {
             "CgroupnsMode": "private",
             "CapDrop": ["ALL"],
@@ -90,10 +98,46 @@ def apparmor_enabled() -> bool:
         return False
 
 
+_APPARMOR: dict[str, str] = {}
+
+
+def _apparmor_loaded() -> str:
+    return _APPARMOR.get("profile", "")
+
+
+def load_apparmor_profile() -> str:
+    """Load (or replace) dgw-rootless into the kernel; its name, or "" where that fails
+    (no apparmor_parser, e.g. a containerised gateway) - the caller then uses unconfined.
+    `userns,` (AppArmor 4, e.g. Ubuntu 24.04's restricted unprivileged user namespaces) is
+    offered first; parsers that do not know the rule get the profile without it."""
+    parser = shutil.which("apparmor_parser")
+    if not parser:
+        return ""
+    text = resources.files(__package__).joinpath("profiles/apparmor-rootless").read_text()
+    err = ""
+    for userns in ("userns,", ""):
+        r = subprocess.run([parser, "-r", "-K"], input=text.replace("@USERNS@", userns),
+                           capture_output=True, text=True, timeout=60, check=False)
+        if r.returncode == 0:
+            return APPARMOR_PROFILE
+        err = r.stderr.strip()
+    log.warning("cannot load AppArmor profile %s (%s)", APPARMOR_PROFILE, err)
+    return ""
+
+
 def check_host(profile: str) -> None:
-    """Refuse at start a profile this host cannot run, saying which one to use instead."""
+    """Refuse at start a profile this host cannot run, saying which one to use instead; on an
+    AppArmor host, load the rootless profile's AppArmor profile."""
     if profile != "rootless":
         return
+    if apparmor_enabled():
+        _APPARMOR["profile"] = load_apparmor_profile()
+        if _APPARMOR["profile"]:
+            log.info("AppArmor: user containers run under %s", APPARMOR_PROFILE)
+        else:
+            log.warning("AppArmor: user containers run unconfined (%s could not be loaded; "
+                        "load gateway/backend/docker/profiles/apparmor-rootless with "
+                        "apparmor_parser -r and restart)", APPARMOR_PROFILE)
     # The kernel is the engine's too (a containerised gateway shares it); /dev/net/tun is
     # checked by the engine when a container is created, and its error reaches the user.
     try:
