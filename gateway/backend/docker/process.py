@@ -197,9 +197,12 @@ class DockerProcess:
                 status = int(info["ExitCode"])
                 if status >= 128 and self._gone is not None:
                     # killed: by her, or with her whole container (removed, stopped, OOM)?
-                    gone = await self._gone(self._user)
-                    if gone is not None:
-                        raise gone
+                    # The engine may still call it running for a moment: look again briefly.
+                    for pause in (0.0, 0.1, 0.2):
+                        await asyncio.sleep(pause)
+                        gone = await self._gone(self._user)
+                        if gone is not None:
+                            raise gone
                 if self.on_exit is not None:
                     self.on_exit()
                 self._status = status
