@@ -7,6 +7,8 @@ short stable label used in audit events and as a metrics label.
 
 from __future__ import annotations
 
+import os
+
 
 class GatewayError(Exception):
     """A failure with a user-safe message, a log message and a reason label."""
@@ -16,3 +18,8 @@ class GatewayError(Exception):
         super().__init__(log_message or user_message)
         self.user_message = user_message
         self.reason = reason
+
+
+def os_reason(exc: OSError) -> str:
+    """"Connection refused", not asyncio's "Connect call failed (...)": the words for a user."""
+    return os.strerror(exc.errno) if exc.errno else str(exc)

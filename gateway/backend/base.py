@@ -13,12 +13,17 @@ Failures are `BackendError`s: a user-safe text, a log text and a reason label.
 from __future__ import annotations
 
 import abc
+import logging
 import socket
+import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol
 
 from ..errors import GatewayError
+from ..observe.events import Events
+
+log = logging.getLogger("dind_gateway.backend")
 
 Progress = Callable[[str], None]
 ProcessKind = Literal["shell", "command", "sftp", "argv"]
@@ -165,6 +170,8 @@ class Process(Protocol):
 class Backend(abc.ABC):
     """What the gateway needs from a container platform."""
 
+    events: Events  # where it says what happened (container.start, .stop, ...)
+
     @abc.abstractmethod
     async def ensure(self, user: str, limits: Limits,
                      progress: Progress | None = None) -> EnvState:
@@ -262,6 +269,19 @@ class Backend(abc.ABC):
         login).  `unless` as for `stop` (then nothing is done).  A short text of what was
         done."""
         return "nothing to upgrade"
+
+    def _ready_now(self, user: str, name: str, state: EnvState, started: float,
+                   announce: Progress | None) -> float:
+        """What every backend says once an environment is ready: the log line, the
+        `container.start` event (metrics' start-time histogram) and the user's " ready in"."""
+        elapsed = time.monotonic() - started
+        log.info("environment of %s ready in %.2f s (%s %s)", user, elapsed, name,
+                 state.container_id[:12])
+        self.events.emit("container.start", user=user, container=name,
+                         duration=round(elapsed, 3), adopted=announce is None)
+        if announce:
+            announce(f" ready in {elapsed:.1f} s\n")
+        return elapsed
 
     async def run(self, user: str, argv: list[str]) -> tuple[int, bytes]:
         """Run a short housekeeping command *as the user* and collect its stdout.

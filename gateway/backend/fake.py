@@ -25,6 +25,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..errors import os_reason
 from ..observe.events import Events
 from .base import (
     Backend,
@@ -210,12 +211,9 @@ class FakeBackend(Backend):
                 raise failure
             self.home(user).mkdir(parents=True, exist_ok=True)
             env.running, env.started_at, env.limits = True, time.time(), limits
-            elapsed = time.monotonic() - t0
-            self.events.emit("container.start", user=user, container=f"fake-{user}",
-                             duration=round(elapsed, 3), adopted=False)
-            if progress:
-                progress(f" ready in {elapsed:.1f} s\n")
-            return self._state(user)
+            state = self._state(user)
+            self._ready_now(user, f"fake-{user}", state, t0, progress)
+            return state
 
     async def stop(self, user: str, *, unless: Callable[[], bool] | None = None) -> bool:
         async with self._lock(user):
@@ -323,7 +321,7 @@ class FakeBackend(Backend):
             sock.listen(16)
         except OSError as exc:
             sock.close()
-            raise BackendError(f"cannot listen on port {port}: {_reason(exc)}",
+            raise BackendError(f"cannot listen on port {port}: {os_reason(exc)}",
                                f"fake {user}: listen {port}: {exc}", "listen-failed") from exc
         sock.setblocking(False)
         return sock
@@ -382,10 +380,6 @@ class FakeBackend(Backend):
             await self.stop(user)
 
 
-def _reason(exc: OSError) -> str:
-    """"Connection refused", not asyncio's "Connect call failed (...)"."""
-    return os.strerror(exc.errno) if exc.errno else str(exc)
-
 
 async def _connect(family: int, address: object, what: str, user: str) -> socket.socket:
     sock = socket.socket(family, socket.SOCK_STREAM)
@@ -394,6 +388,6 @@ async def _connect(family: int, address: object, what: str, user: str) -> socket
         await asyncio.get_running_loop().sock_connect(sock, address)
     except OSError as exc:
         sock.close()
-        raise BackendError(f"connection to {what} failed: {_reason(exc)}",
+        raise BackendError(f"connection to {what} failed: {os_reason(exc)}",
                            f"fake {user}: connect {address}: {exc}", "connect-failed") from exc
     return sock

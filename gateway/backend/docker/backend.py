@@ -21,6 +21,7 @@ from typing import Any
 from urllib.parse import quote
 
 from ...aio import background
+from ...errors import os_reason
 from ...observe.events import Events
 from ..base import (
     Backend,
@@ -176,13 +177,7 @@ class DockerBackend(Backend):
                 await self._start(user)
             state = await self._wait_ready(user)
             self._ready[user] = (state.container_id, state.started_at)
-            elapsed = time.monotonic() - t0
-            log.info("environment of %s ready in %.2f s (container %s)", user, elapsed,
-                     state.container_id[:12])
-            self.events.emit("container.start", user=user, container=self.container_name(user),
-                             duration=round(elapsed, 3), adopted=announce is None)
-            if announce:
-                announce(f" ready in {elapsed:.1f} s\n")
+            self._ready_now(user, self.container_name(user), state, t0, announce)
             if created and self.registry.preload:
                 await preload(self.docker, self.container_name(user), user,
                               self.registry.preload, self.run, announce)
@@ -286,7 +281,7 @@ class DockerBackend(Backend):
             await asyncio.get_running_loop().sock_connect(sock, target)
         except OSError as exc:
             sock.close()
-            raise BackendError(f"connection to port {port} failed: {_reason(exc)}",
+            raise BackendError(f"connection to port {port} failed: {os_reason(exc)}",
                                f"{user}: connect {target[0]}:{port}: {exc}",
                                "connect-failed") from exc
         return sock
@@ -804,10 +799,6 @@ def _uptime(started: str) -> float | None:
         return None
     return max(0.0, time.time() - t.timestamp())
 
-
-def _reason(exc: OSError) -> str:
-    """"Connection refused", not asyncio's "Connect call failed (...)"."""
-    return os.strerror(exc.errno) if exc.errno else str(exc)
 
 
 def _alive(pid: int) -> bool:

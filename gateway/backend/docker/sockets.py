@@ -28,6 +28,7 @@ import socket
 import stat
 from concurrent.futures import ThreadPoolExecutor
 
+from ...errors import os_reason
 from ..base import BackendError, UnixListener
 
 CLONE_NEWNET = 0x40000000
@@ -101,8 +102,7 @@ def bind_listen(sock: socket.socket, port: int) -> socket.socket:
         sock.listen(64)
     except OSError as exc:
         sock.close()
-        reason = os.strerror(exc.errno) if exc.errno else str(exc)
-        raise BackendError(f"cannot listen on port {port}: {reason}",
+        raise BackendError(f"cannot listen on port {port}: {os_reason(exc)}",
                            f"listen 127.0.0.1:{port}: {exc}", "listen-failed") from exc
     return sock
 

@@ -182,13 +182,7 @@ class KubernetesBackend(Backend):
                                      container=self.pod_name(user))
             state = await self._wait_ready(user)
             self._ready[user] = (state.container_id, state.started_at)
-            elapsed = time.monotonic() - t0
-            log.info("environment of %s ready in %.2f s (pod %s)", user, elapsed,
-                     state.container_id[:8])
-            self.events.emit("container.start", user=user, container=self.pod_name(user),
-                             duration=round(elapsed, 3), adopted=announce is None)
-            if announce:
-                announce(f" ready in {elapsed:.1f} s\n")
+            self._ready_now(user, self.pod_name(user), state, t0, announce)
             return state
 
     async def stop(self, user: str, *, unless: Callable[[], bool] | None = None) -> bool:
