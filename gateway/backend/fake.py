@@ -90,6 +90,18 @@ class FakeProcess:
                 if not data:
                     break
                 await self._out.put((stream, data))
+            if self._master is not None and self._master >= 0:
+                # Linux may report the hang-up before the last output reached the master:
+                # once the child is gone, read what is left
+                await self._proc.wait()
+                while self._master >= 0:
+                    try:
+                        data = os.read(self._master, _READ)
+                    except OSError:  # EIO (nothing left) or EAGAIN
+                        break
+                    if not data:
+                        break
+                    await self._out.put((stream, data))
         finally:
             await self._out.put((0, b""))
 
