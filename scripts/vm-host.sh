@@ -223,7 +223,14 @@ wheels() {
 
 # ------------------------------------------------------------------------------ the VM
 
-free_port() { "$REPO_ROOT/.venv/bin/python" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
+# Two distinct free loopback ports, both sockets held while the kernel picks (one call each
+# could hand out the same port twice: CI failed once on exactly that).
+free_ports() { "$REPO_ROOT/.venv/bin/python" -c '
+import socket
+socks = [socket.socket() for _ in range(2)]
+for s in socks:
+    s.bind(("127.0.0.1", 0))
+print(" ".join(str(s.getsockname()[1]) for s in socks))'; }
 
 QEMU_PID=
 WORK=
@@ -257,8 +264,20 @@ gssh() {
 }
 
 boot() {
-    SSH_PORT=$(free_port)
-    GW_PORT=$(free_port)
+    local attempt
+    for attempt in 1 2 3; do
+        boot_once && return 0
+        # Only a port taken between our pick and qemu's bind is retried; anything else ends it.
+        grep -q 'Could not set up host forwarding' "$WORK/console.log" || break
+        log "a forwarded port was taken meanwhile (attempt $attempt); picking others"
+        rm -f "$WORK/overlay.qcow2"
+    done
+    tail -n 40 "$WORK/console.log" >&2
+    die "qemu exited"
+}
+
+boot_once() {
+    read -r SSH_PORT GW_PORT < <(free_ports)
     qemu-img create -q -f qcow2 -b "$IMG_DIR/disk.img" -F raw "$WORK/overlay.qcow2"
     # -accel tcg: /dev/kvm here is kvm_pvm, which runs no stock kernel (vm-here.md).
     # restrict=on: no network for the guest; only the forwarded 127.0.0.1 ports reach it.
@@ -276,7 +295,7 @@ boot() {
     # A bounded poll for the guest's sshd (and its engine) to come up.
     local deadline=$((SECONDS + VM_BOOT_TIMEOUT))
     until gssh true 2>/dev/null; do
-        kill -0 "$QEMU_PID" 2>/dev/null || { tail -n 40 "$WORK/console.log" >&2; die "qemu exited"; }
+        kill -0 "$QEMU_PID" 2>/dev/null || { QEMU_PID=; return 1; }
         [ $SECONDS -lt $deadline ] || { tail -n 40 "$WORK/console.log" >&2; die "no ssh into the guest after ${VM_BOOT_TIMEOUT}s"; }
         sleep 2
     done
