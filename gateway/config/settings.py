@@ -460,6 +460,8 @@ _GATEWAY_SPEC: dict[str, Converter] = {
     "audit_stdout": _boolean,
     "audit_max_size": _parsed(parse_size, what="a size"),
     "audit_backups": _parsed(_int_value(0), what="a whole number"),
+    "recordings_dir": _string(check=_non_blank),
+    "recording_max_size": _parsed(parse_size, what="a size"),
     "metrics_listen": _parsed(parse_address, what="host:port", nullable=True),
     "banner": _string(nullable=True),
     "trusted_user_ca_keys": _ca_key_sources,
@@ -518,6 +520,8 @@ class GatewayConfig:
     audit_stdout: bool
     audit_max_size: int  # bytes per audit file before it is rotated
     audit_backups: int  # rotated files kept (audit.log.1 ...)
+    recordings_dir: Path  # asciicast files of users with `record: true`
+    recording_max_size: int  # bytes per recording; output past it is not written
     metrics_listen: Address | None  # None: no metrics endpoint
     banner: str | None
     trusted_user_ca_keys: tuple[TrustedCA, ...]  # sshd's TrustedUserCAKeys
@@ -599,6 +603,8 @@ _GATEWAY_DEFAULTS: dict[str, Any] = {
     "audit_stdout": False,
     "audit_max_size": "50m",
     "audit_backups": 5,
+    "recordings_dir": "recordings",
+    "recording_max_size": "100m",
     "metrics_listen": None,
     "banner": None,
     "trusted_user_ca_keys": None,
@@ -669,6 +675,7 @@ def parse_gateway_config(
             kube, kubeconfig=_absolute(base_dir, str(kube.kubeconfig)))
     if resolved["audit_log"] is not None:
         resolved["audit_log"] = _absolute(resolved["state_dir"], resolved["audit_log"])
+    resolved["recordings_dir"] = _absolute(resolved["state_dir"], resolved["recordings_dir"])
     for name in ("trusted_user_ca_keys", "revoked_keys"):
         node = entries.get(name)
         base_for[name] = overrides_base_dir if node is not None and node.origin else base_dir

@@ -124,6 +124,7 @@ class UserDefaults:
     max_sessions: int | None = None
     shell: str | None = None
     image: str | None = None
+    record: bool = False
 
 
 @dataclass(frozen=True)
@@ -151,6 +152,7 @@ class User:
     groups: tuple[str, ...] = ()  # in the order of the users file's groups: section
     volumes: tuple[SharedVolume, ...] = ()  # of her groups, mounted at their paths
     principals: tuple[str, ...] = ()  # certificate principals from trusted_user_ca_keys
+    record: bool = False  # her pty sessions are written as asciicast files (she is told)
 
     @property
     def cert_principals(self) -> tuple[str, ...]:
@@ -233,6 +235,7 @@ _LIMIT_SPEC: dict[str, Converter] = {
     "max_sessions": _parsed(_int_value(1), what="a whole number"),
     "shell": _string(check=_absolute_path),
     "image": _string(check=_image_ref),
+    "record": _boolean,
 }
 
 
@@ -463,6 +466,7 @@ def _build_user(name: str, settings: Mapping[str, Any], defaults: UserDefaults,
         groups=member_of,
         volumes=volumes,
         principals=settings.get("principals", ()),
+        record=pick("record"),
     )
 
 

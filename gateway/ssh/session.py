@@ -19,6 +19,7 @@ import asyncssh
 from ..aio import background
 from ..backend import Process
 from ..errors import GatewayError
+from ..observe.recording import Recording
 from .context import ConnectionInfo
 from .program import SessionRequest, login_line, program
 
@@ -43,6 +44,7 @@ class GatewaySession(asyncssh.SSHServerSession):
         self._writable = asyncio.Event()
         self._writable.set()
         self._task: asyncio.Task[None] | None = None
+        self._recording: Recording | None = None
         self.bytes_in = 0
         self.bytes_out = 0
 
@@ -111,6 +113,8 @@ class GatewaySession(asyncssh.SSHServerSession):
                               pixheight: int) -> None:
         if width and height:
             self._size = (width, height)
+            if self._recording is not None:
+                self._recording.resize(width, height)
             if self._proc is not None:
                 background(self._proc.resize(height, width))
 
@@ -170,6 +174,8 @@ class GatewaySession(asyncssh.SSHServerSession):
             await ctx.ensure(user, self._progress)
             if self._kind == "shell" and self._tty and conn.forced_command() is None:
                 self._stderr(login_line(user, ctx.config.help_contact))
+            if self._tty and user.record:
+                self._start_recording()
             request = SessionRequest(kind=self._kind, command=self._command,
                                      term_type=self._term_type, size=self._size,
                                      client_env=self._chan.get_environment(),
@@ -199,6 +205,8 @@ class GatewaySession(asyncssh.SSHServerSession):
         finally:
             if self._proc is not None:
                 self._proc.close()
+            if self._recording is not None:
+                self._recording.close()
             duration = time.monotonic() - started
             log.info("[%s] %s session of %s ended: status %s, %d B in, %d B out, %.2f s",
                      conn.tag, kind, user.name, status, self.bytes_in,
@@ -218,6 +226,8 @@ class GatewaySession(asyncssh.SSHServerSession):
             if not stream:
                 return
             self.bytes_out += len(data)
+            if self._recording is not None:
+                self._recording.output(data)
             if stream == 2:
                 self._chan.write_stderr(data)
             else:
@@ -232,6 +242,17 @@ class GatewaySession(asyncssh.SSHServerSession):
             pass
         if self._chan is not None and not self._chan.is_closing():
             self._chan.resume_reading()
+
+    def _start_recording(self) -> None:
+        """Her pty session is recorded (users.yaml `record:`); she is told so before it starts."""
+        conn, config = self._conn, self._conn.ctx.config
+        self._recording = Recording.open(
+            config.recordings_dir, user=conn.user.name, conn=conn.id, width=self._size[0],
+            height=self._size[1], term=self._term_type, command=self._command,
+            max_size=config.recording_max_size, events=conn.ctx.events)
+        if self._recording is not None:
+            self._stderr("dind-gateway: this session is recorded (what your terminal shows, "
+                         "not what you type).\n")
 
     def notify(self, message: str) -> None:
         """A one-line notice from the gateway (shutdown, revoked access) on stderr."""

@@ -127,6 +127,7 @@ class InProcessGateway(GatewayProc):
         users = super().default_users()
         users["frank"] = {"keys": [f'no-agent-forwarding,permitlisten="7000" '
                                    f'{pubkey(self.keys["alice2"])}']}
+        users["grace"] = {"keys": [pubkey(self.keys["alice2"])], "record": True}
         return users
 
     def start(self, timeout: float = 30) -> None:
