@@ -62,6 +62,8 @@ class FakeProcess:
         self._out: asyncio.Queue[tuple[int, bytes]] = asyncio.Queue()
         self._open = 2 if master is None else 1
         self._pty_writer: asyncio.StreamWriter | None = None
+        self._pty_reader: asyncio.BaseTransport | None = None
+        self._foreground: int | None = None  # the pty's foreground group when we hung up
         self._tasks = [asyncio.ensure_future(self._pump(1, proc.stdout))] if master is None \
             else []
         if master is None:
@@ -72,8 +74,9 @@ class FakeProcess:
         self = cls(proc, master)
         loop = asyncio.get_running_loop()
         reader = asyncio.StreamReader()
-        await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader),
-                                     os.fdopen(os.dup(master), "rb", buffering=0))
+        self._pty_reader, _ = await loop.connect_read_pipe(
+            lambda: asyncio.StreamReaderProtocol(reader),
+            os.fdopen(os.dup(master), "rb", buffering=0))
         transport, protocol = await loop.connect_write_pipe(
             asyncio.streams.FlowControlMixin, os.fdopen(os.dup(master), "wb", buffering=0))
         self._pty_writer = asyncio.StreamWriter(transport, protocol, None, loop)
@@ -152,23 +155,49 @@ class FakeProcess:
         return 128 - code if code < 0 else code
 
     def close(self) -> None:
+        """Our side is gone: hang up as sshd does (the pty's master closes, so the kernel
+        signals her shell; its foreground job and the shell's own group get SIGHUP), and
+        after HANGUP_GRACE kill what ignored it. Jobs she detached (setsid, nohup) live on."""
+        if self._master is not None and self._master >= 0:
+            self._foreground = self._her_group(os.tcgetpgrp, self._master)
         w = self._writer()
         if w is not None:
             w.close()
+        if self._pty_reader is not None:
+            self._pty_reader.close()
         if self._master is not None:
             with contextlib.suppress(OSError):
                 os.close(self._master)
             self._master = -1
-        if self._proc.returncode is None:  # our side is gone: hang up, as sshd would ...
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(self._proc.pid, signals.SIGHUP)
+        if self._proc.returncode is None or self._foreground is not None:
+            for group in (self._proc.pid, self._foreground):
+                if group is not None:
+                    with contextlib.suppress(ProcessLookupError, PermissionError):
+                        os.killpg(group, signals.SIGHUP)
             asyncio.get_running_loop().call_later(HANGUP_GRACE, self._kill_leftovers)
 
+    def _her_group(self, find: Callable[[int], int], arg: int | None) -> int | None:
+        """A process group of her shell's session other than the shell's own, else None: never
+        0 (that would be ours) nor a number reused since by someone else."""
+        try:
+            group = find(arg) if arg is not None else 0
+            if group > 0 and group != self._proc.pid and os.getsid(group) == self._proc.pid:
+                return group
+        except OSError:
+            pass
+        return None
+
     def _kill_leftovers(self) -> None:
-        """... and what is still there after the grace period is killed (as Docker's is)."""
+        """... and what is still there after the grace period is killed (as Docker's is):
+        the shell's group if the shell ignored the hang-up, the foreground job's group always
+        (it belonged to the terminal that is gone)."""
+        groups = [self._her_group(lambda g: g, self._foreground)]
         if self._proc.returncode is None:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(self._proc.pid, signals.SIGKILL)
+            groups.append(self._proc.pid)
+        for group in groups:
+            if group is not None:
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.killpg(group, signals.SIGKILL)
 
 
 class FakeBackend(Backend):
