@@ -41,6 +41,8 @@ IDLE_POLICIES: tuple[str, ...] = ("activity", "strict")
 LOG_LEVELS: tuple[str, ...] = ("debug", "info", "warning", "error", "critical")
 PREFIX_RE = re.compile(r"[a-z][a-z0-9-]{0,20}")
 DEFAULT_DOCKER_HOST = "unix:///var/run/docker.sock"
+# auto: runc next to the engine where the gateway can (root, same host), else the exec API
+PROCESS_PATHS = ("auto", "direct", "engine")
 
 
 def _check_docker_host(text: str) -> None:
@@ -426,6 +428,7 @@ _GATEWAY_SPEC: dict[str, Converter] = {
     "security_profile": _choice(SECURITY_PROFILES),
     "prefix": _string(check=_check_prefix),
     "docker_host": _string(nullable=True, check=_check_docker_host),
+    "process_path": _choice(PROCESS_PATHS),
     "ready_timeout": _parsed(lambda v: parse_duration(v, allow_never=False), what="a duration"),
     "idle_timeout": _parsed(parse_duration, what="a duration or 'never'"),
     "idle_policy": _choice(IDLE_POLICIES),
@@ -486,6 +489,7 @@ class GatewayConfig:
     security_profile: SecurityProfile
     prefix: str
     docker_host: str | None  # None: $DOCKER_HOST, else DEFAULT_DOCKER_HOST (see docker_url)
+    process_path: Literal["auto", "direct", "engine"]  # how sessions start (docker/direct.py)
     ready_timeout: float
     idle_timeout: float | None  # None: never
     idle_policy: Literal["activity", "strict"]
@@ -571,6 +575,7 @@ _GATEWAY_DEFAULTS: dict[str, Any] = {
     "security_profile": "rootless",
     "prefix": "dgw",
     "docker_host": None,
+    "process_path": "auto",
     "ready_timeout": 60,
     "idle_timeout": "never",
     "idle_policy": "activity",

@@ -4,6 +4,7 @@ import logging
 from typing import Any
 
 from .backend import LABEL_INSTANCE, LABEL_MANAGED, LABEL_OWNER, DockerBackend
+from .direct import RUNC_ROOT, DirectExec
 from .engine import DockerClient, DockerError
 from .registry import RegistryOptions
 from .security import PROFILES, ROOT_EQUIVALENT, check_host
@@ -22,10 +23,20 @@ def from_config(config: Any, events: Any) -> DockerBackend:
         log.warning("security_profile %s: users are root-equivalent on the host: for trusted "
                     "teams only (docs/security.md); the default 'rootless' is not", profile)
     check_host(profile)
+    direct = None
+    if config.process_path != "engine":
+        direct = DirectExec.probe()
+        if direct is None and config.process_path == "direct":
+            raise SystemExit("dind-gateway: process_path: direct needs root, runc on PATH and "
+                             "the engine's "
+                             f"runc state in {RUNC_ROOT} on this host; use 'auto' or 'engine'")
+        log.info("sessions start %s", f"through runc ({direct.runc}, {direct.root})"
+                 if direct else "through the engine's exec API")
     return DockerBackend(
         DockerClient(config.docker_url()), image=config.image, prefix=config.prefix,
         profile=profile, ready_timeout=config.ready_timeout, events=events,
         network_pool=str(config.user_network_pool), disks_dir=config.state_dir / "disks",
         uids_file=config.state_dir / "uids.json",
         registry=RegistryOptions(config.registry_mirror, config.insecure_registries,
-                                 config.preload_images))
+                                 config.preload_images),
+        direct=direct)

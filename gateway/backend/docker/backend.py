@@ -8,6 +8,7 @@ wrapper and signal delivery (`process`) and pre-started execs (`spares`).
 from __future__ import annotations
 
 import asyncio
+import errno
 import ipaddress
 import json
 import logging
@@ -33,9 +34,10 @@ from ..base import (
     Share,
     UnixListener,
 )
+from .direct import DirectExec, DirectProcess, Identity, RuncError
 from .disks import DiskError, Disks, share_permissions
 from .engine import DockerClient, DockerError
-from .process import HANGUP_GRACE, KILLER, REAPER, DockerProcess, exec_argv
+from .process import HANGUP_GRACE, KILLER, LIVE, REAPER, DockerProcess, exec_argv
 from .registry import Mirror, RegistryOptions, preload
 from .security import PROFILES, host_config, limit_spec
 from .sockets import NamespaceSockets, bind_listen, unix_connect, unix_listener
@@ -64,7 +66,8 @@ class DockerBackend(Backend):
                  network_pool: str = "10.213.0.0/16", subnet_prefix: int = 28,
                  prestart: bool = True, disks_dir: Path | None = None,
                  uids_file: Path | None = None,
-                 registry: RegistryOptions | None = None) -> None:
+                 registry: RegistryOptions | None = None,
+                 direct: DirectExec | None = None) -> None:
         if profile not in PROFILES:
             raise ValueError(f"unknown security profile {profile!r}")
         self.docker = docker
@@ -78,6 +81,9 @@ class DockerBackend(Backend):
         self.network_pool = ipaddress.IPv4Network(network_pool)
         self.subnet_prefix = subnet_prefix
         self.spares = Spares(docker, self.container_name) if prestart else None
+        # the direct process path (direct.py): runc next to the engine, no relay by dockerd
+        self.direct = direct
+        self._who: dict[str, tuple[tuple[str, str], Identity]] = {}
         self.disks = Disks(disks_dir) if disks_dir is not None else None
         # each user's own host uid and subordinate range (uids.py); without a file,
         # everybody is uid 1000 as before (only for backends that make no environment)
@@ -185,6 +191,7 @@ class DockerBackend(Backend):
 
     def _forget(self, user: str) -> None:
         self._ready.pop(user, None)
+        self._who.pop(user, None)
         if self.spares is not None:
             self.spares.drop(user)
 
@@ -207,10 +214,15 @@ class DockerBackend(Backend):
                          duration=round(time.monotonic() - t0, 3))
         return True
 
-    async def start(self, spec: ProcessSpec) -> DockerProcess:
+    async def start(self, spec: ProcessSpec) -> DockerProcess | DirectProcess:
         user = spec.user
         argv, env, pidfile = exec_argv(spec)
         workdir = spec.workdir or f"/home/{user}"
+        if self.direct is not None:
+            direct = await self._start_direct(user, argv, spec.tty, env, workdir, pidfile,
+                                              spec.size)
+            if direct is not None:
+                return direct
         if self.spares is not None and self.spares.usable(user, spec.tty, workdir):
             spare = await self.spares.take(user)
             if spare is not None:
@@ -224,6 +236,72 @@ class DockerBackend(Backend):
             proc.on_exit = lambda: background(spares.replenish(user))
             return proc
         return await self._fresh_exec(user, argv, spec.tty, env, workdir, pidfile)
+
+    async def _start_direct(self, user: str, argv: list[str], tty: bool, env: dict[str, str],
+                            workdir: str, pidfile: str | None,
+                            size: tuple[int, int]) -> DirectProcess | None:
+        """Her process through runc (direct.py), or None where runc here does not manage her
+        container (the engine's exec API is used then)."""
+        assert self.direct is not None
+        ready = self._ready.get(user)
+        if ready is None or not self.direct.knows(ready[0]):
+            return None
+        who = await self._identity(user, ready)
+        try:
+            proc = await self.direct.start(ready[0], who, argv, env, workdir, tty, size)
+        except OSError as exc:
+            if exc.errno == errno.E2BIG:  # her command line: what her shell would say
+                raise BackendError(f"sh: {exc.strerror}", f"runc exec for {user}: {exc}",
+                                   "exec-failed") from exc
+            raise BackendError("your session could not be started; please tell your admin",
+                               f"runc exec for {user}: {exc}", "exec-failed") from exc
+        except RuncError as exc:
+            gone = await self._gone_reason(user)
+            if gone is not None:
+                raise gone from exc
+            raise BackendError("your session could not be started in your container; try "
+                               "again", f"runc exec for {user}: {exc}", "exec-failed") from exc
+        proc.gone = lambda: self._gone_reason(user)
+        if pidfile is not None:
+            proc.kill_leftovers = lambda: self._kill_session(user, pidfile)
+        return proc
+
+    async def _identity(self, user: str, ready: tuple[str, str]) -> Identity:
+        """uid, gid and groups of `docker exec -u USER` in this very container (asked once
+        per container start, of the engine itself: /etc/passwd, /etc/group, GroupAdd)."""
+        known = self._who.get(user)
+        if known is not None and known[0] == ready:
+            return known[1]
+        proc = await self._fresh_exec(user, ["sh", "-c", "id -u; id -g; id -G"], False, {},
+                                      "/", None)
+        out = bytearray()
+        try:
+            while True:
+                stream, data = await proc.read()
+                if not stream:
+                    break
+                if stream == 1:
+                    out += data
+        finally:
+            proc.close()
+        status = await proc.wait()
+        try:
+            uid, gid, groups = out.decode().split("\n")[:3]
+            who = Identity(int(uid), int(gid), tuple(int(g) for g in groups.split()))
+        except ValueError as exc:
+            raise BackendError("your account in your container could not be looked up; "
+                               "please tell your admin", f"id of {user}: status {status}, "
+                               f"{bytes(out)[:200]!r}", "exec-failed") from exc
+        self._who[user] = (ready, who)
+        return who
+
+    async def _kill_session(self, user: str, pidfile: str) -> None:
+        """Kill a hung-up session's process and its group, found by its PID file, as her."""
+        try:
+            await self.run(user, ["sh", "-c", LIVE + f'p=$(live_ {pidfile}) && {{ kill -s '
+                                  'KILL -- "-$p"; kill -s KILL "$p"; } 2>/dev/null; true'])
+        except BackendError as exc:
+            log.debug("leftovers of %s not killed: %s", user, exc)
 
     def _process(self, exec_id: str, stream: Any, user: str,
                  pidfile: str | None) -> DockerProcess:
@@ -371,6 +449,8 @@ class DockerBackend(Backend):
     async def close(self) -> None:
         if self.spares is not None:
             self.spares.drop_all()
+        if self.direct is not None:
+            self.direct.close()
         self.netns.close()
 
     async def stats(self, user: str) -> EnvStats:

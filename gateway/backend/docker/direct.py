@@ -1,0 +1,411 @@
+"""The direct process path: `runc exec` next to the engine, bytes straight to the gateway.
+
+A `docker exec` relays every byte twice in user space (containerd-shim's FIFOs, then dockerd,
+which frames it onto the hijacked HTTP connection the gateway parses).  When the gateway runs
+on the engine's host as root, it can instead ask runc itself to start the session's process
+in her container, against the engine's own state of it (`runc --root /run/docker/runtime-runc/
+moby exec <id>`): runc applies exactly what it applies for the engine's execs — the
+container's namespaces, cgroup, capability sets, seccomp filter, AppArmor profile,
+no_new_privs and rlimits from its config — and the user the gateway names (her uid, gid and
+the container's extra groups, resolved as the engine does).
+
+Her process's stdio are then the gateway's own pipe ends, or the pty runc makes in her
+container and hands over on a console socket; runc stays as its parent only to pass on
+signals and report the exit status.  Nothing else copies a byte.  A non-terminal process gets
+the pipes as fds 3, 4, 5 (`--preserve-fds`) and a one-line `sh` moves them onto 0, 1, 2, so
+runc's own stdio (its relay) carry nothing; runc's stderr is kept for its own errors.
+
+The engine API stays the fallback (a remote engine, a gateway in a container without the host's
+/run and runc, `process_path: engine`) and the model for the Kubernetes backend.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import fcntl
+import logging
+import os
+import pty
+import shutil
+import signal as signals
+import struct
+import termios
+from collections import deque
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+
+from ..base import BackendError
+from .process import HANGUP_GRACE, SIGNALS
+
+log = logging.getLogger("dind_gateway.backend")
+
+RUNC_ROOT = "/run/docker/runtime-runc/moby"  # where dockerd's containerd shim keeps runc state
+# fds 3, 4, 5 become stdin, stdout, stderr; `exec "$@"` keeps pid, exit status and signals
+REDIRECT = ["/bin/sh", "-c", 'exec 0<&3 1>&4 2>&5 3<&- 4>&- 5>&-; exec "$@"', "sh"]
+_READ = 256 * 1024
+_HIGH_WATER = 1 << 20  # bytes read but not yet taken before reading pauses
+
+
+@dataclass(frozen=True)
+class Identity:
+    """Who her session runs as: what Docker resolves for `docker exec -u NAME`."""
+
+    uid: int
+    gid: int
+    groups: tuple[int, ...]
+
+
+class RuncError(Exception):
+    """runc could not start the process (its own error text)."""
+
+
+class DirectExec:
+    """Starts processes in the engine's containers through runc (see the module docstring)."""
+
+    def __init__(self, runc: str, root: str = RUNC_ROOT) -> None:
+        self.runc = runc
+        self.root = root
+
+    @classmethod
+    def probe(cls, root: str = RUNC_ROOT) -> DirectExec | None:
+        """Usable here: root, a runc binary, and the engine's runc state on this host."""
+        runc = shutil.which("runc")
+        if os.geteuid() != 0 or runc is None or not os.path.isdir(root):
+            return None
+        return cls(runc, root)
+
+    def knows(self, container_id: str) -> bool:
+        """The engine's container is one runc here manages (not a remote engine's)."""
+        return bool(container_id) and os.path.isfile(
+            os.path.join(self.root, container_id, "state.json"))
+
+    def close(self) -> None:
+        """Nothing to release (kept for the backend's close)."""
+
+    async def start(self, container_id: str, who: Identity, argv: list[str],
+                    env: dict[str, str], workdir: str, tty: bool,
+                    size: tuple[int, int] = (80, 24)) -> DirectProcess:
+        """Her process, running (or failing in runc, reported by `DirectProcess.wait`)."""
+        cmd = [self.runc, "--root", self.root, "exec", "--user", f"{who.uid}:{who.gid}",
+               "--cwd", workdir]
+        for gid in who.groups:
+            cmd += ["--additional-gids", str(gid)]
+        for key, value in env.items():
+            cmd += ["--env", f"{key}={value}"]
+        if tty:
+            return await self._start_tty(cmd, container_id, argv, size)
+        return await self._start_pipes(cmd, container_id, argv)
+
+    async def _start_pipes(self, cmd: list[str], container_id: str,
+                           argv: list[str]) -> DirectProcess:
+        ends: list[int] = []
+        try:
+            in_r, in_w = os.pipe()
+            out_r, out_w = os.pipe()
+            err_r, err_w = os.pipe()
+            log_r, log_w = os.pipe()
+            ends = [in_r, in_w, out_r, out_w, err_r, err_w, log_r, log_w]
+            # above 9 first, so that moving them onto 3, 4, 5 cannot overwrite one another
+            high = [fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, 10) for fd in (in_r, out_w, err_w)]
+            ends += high
+            null = os.open(os.devnull, os.O_RDWR | os.O_CLOEXEC)
+            ends.append(null)
+            actions = [(os.POSIX_SPAWN_DUP2, null, 0), (os.POSIX_SPAWN_DUP2, null, 1),
+                       (os.POSIX_SPAWN_DUP2, log_w, 2)]
+            actions += [(os.POSIX_SPAWN_DUP2, fd, 3 + i) for i, fd in enumerate(high)]
+            # posix_spawn is vfork + exec: it returns once runc is running, in well under 1 ms
+            pid = os.posix_spawn(self.runc, [*cmd, "--preserve-fds", "3", container_id,  # noqa: ASYNC221
+                                             *REDIRECT, *argv], _spawn_env(),
+                                 file_actions=actions, setsigdef=_DEFAULT_SIGNALS)
+            for fd in (in_r, out_w, err_w, log_w, null, *high):
+                os.close(fd)
+                ends.remove(fd)
+            proc = DirectProcess(pid, tty=False)
+            await proc.attach(write_fd=in_w, read_fds=((1, out_r), (2, err_r)), log_fd=log_r)
+            return proc
+        except BaseException:
+            for fd in ends:
+                with contextlib.suppress(OSError):
+                    os.close(fd)
+            raise
+
+    async def _start_tty(self, cmd: list[str], container_id: str,
+                         argv: list[str], size: tuple[int, int]) -> DirectProcess:
+        """runc makes her terminal in her container and, attached (`--console-socket` is for
+        detached runs only), copies it to and from a pty pair of ours, whose size it follows
+        on SIGWINCH."""
+        master, slave = pty.openpty()
+        log_r = log_w = -1
+        try:
+            fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", size[1], size[0], 0, 0))
+            log_r, log_w = os.pipe()
+            pid = os.posix_spawn(self.runc, [*cmd, "--tty", container_id, *argv],  # noqa: ASYNC221
+                                 _spawn_env(), setsid=True, setsigdef=_DEFAULT_SIGNALS,
+                                 file_actions=[(os.POSIX_SPAWN_DUP2, slave, 0),
+                                               (os.POSIX_SPAWN_DUP2, slave, 1),
+                                               (os.POSIX_SPAWN_DUP2, log_w, 2)])
+        except BaseException:
+            for fd in (master, log_r):
+                if fd >= 0:
+                    os.close(fd)
+            raise
+        finally:
+            os.close(slave)
+            if log_w >= 0:
+                os.close(log_w)
+        proc = DirectProcess(pid, tty=True)
+        proc._master = master
+        await proc.attach(write_fd=os.dup(master), read_fds=((1, os.dup(master)),),
+                          log_fd=log_r)
+        return proc
+
+
+_DEFAULT_SIGNALS = (signals.SIGPIPE, signals.SIGINT, signals.SIGTERM, signals.SIGHUP)
+
+
+def _spawn_env() -> dict[str, str]:
+    return {"PATH": os.environ.get("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")}
+
+
+class _Reader(asyncio.Protocol):
+    """One output pipe (or the pty master) into the process's shared output queue."""
+
+    def __init__(self, proc: DirectProcess, stream: int) -> None:
+        self.proc, self.stream = proc, stream
+        self.transport: asyncio.ReadTransport | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+
+    def data_received(self, data: bytes) -> None:
+        self.proc._received(self, data)
+
+    def eof_received(self) -> bool:
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:  # EIO on a pty: its end
+        self.proc._ended(self)
+
+
+class DirectProcess:
+    """`Process` over a runc child (see backend.base.Process)."""
+
+    def __init__(self, pid: int, *, tty: bool) -> None:
+        self.pid = pid  # runc's: our child, so the number is ours until we reap it
+        self.tty = tty
+        self.on_exit: Callable[[], object] | None = None
+        # set by the backend: why her container went away (None: it did not), and how to
+        # kill what her session left after a hang-up (as her, in her container)
+        self.gone: Callable[[], Awaitable[BackendError | None]] | None = None
+        self.kill_leftovers: Callable[[], Awaitable[None]] | None = None
+        self._hung_up = False
+        self._status: int | None = None
+        self._exited = asyncio.get_running_loop().create_future()
+        self._pidfd = os.pidfd_open(pid)
+        asyncio.get_running_loop().add_reader(self._pidfd, self._reap)
+        self._queue: deque[tuple[int, bytes]] = deque()
+        self._queued = 0
+        self._more = asyncio.Event()
+        self._readers: list[_Reader] = []
+        self._open = 0
+        self._writer: asyncio.StreamWriter | None = None
+        self._master = -1
+        self._log = bytearray()
+        self._log_done = asyncio.Event()
+
+    # --- set-up -----------------------------------------------------------------------------
+
+    async def attach(self, *, write_fd: int, read_fds: tuple[tuple[int, int], ...],
+                     log_fd: int) -> None:
+        loop = asyncio.get_running_loop()
+        for stream, fd in read_fds:
+            reader = _Reader(self, stream)
+            self._readers.append(reader)
+            self._open += 1
+            await loop.connect_read_pipe(lambda r=reader: r, os.fdopen(fd, "rb", buffering=0))
+        transport, protocol = await loop.connect_write_pipe(
+            asyncio.streams.FlowControlMixin, os.fdopen(write_fd, "wb", buffering=0))
+        self._writer = asyncio.StreamWriter(transport, protocol, None, loop)
+        asyncio.ensure_future(self._collect_log(log_fd))
+
+    async def _collect_log(self, fd: int) -> None:
+        """runc's own stderr: empty unless runc itself failed."""
+        loop = asyncio.get_running_loop()
+        reader = asyncio.StreamReader()
+        try:
+            await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader),
+                                         os.fdopen(fd, "rb", buffering=0))
+            while len(self._log) < 16384:
+                data = await reader.read(4096)
+                if not data:
+                    break
+                self._log += data
+        finally:
+            self._log_done.set()
+
+    # --- output -----------------------------------------------------------------------------
+
+    def _received(self, reader: _Reader, data: bytes) -> None:
+        self._queue.append((reader.stream, data))
+        self._queued += len(data)
+        self._more.set()
+        if self._queued > _HIGH_WATER:
+            for r in self._readers:
+                if r.transport is not None and not r.transport.is_closing():
+                    r.transport.pause_reading()
+
+    def _ended(self, reader: _Reader) -> None:
+        self._open -= 1
+        self._more.set()
+
+    async def read(self) -> tuple[int, bytes]:
+        while not self._queue:
+            if self._open <= 0:
+                if self._master >= 0:  # Linux may hang up before the last output arrives
+                    await asyncio.shield(self._exited)
+                    rest = _read_all(self._master, keep_open=True)
+                    if rest:
+                        return 1, rest
+                return 0, b""
+            self._more.clear()
+            await self._more.wait()
+        stream, data = self._queue.popleft()
+        self._queued -= len(data)
+        if self._queued < _HIGH_WATER // 4:
+            for r in self._readers:
+                if r.transport is not None and not r.transport.is_closing():
+                    r.transport.resume_reading()
+        return stream, data
+
+    # --- input ------------------------------------------------------------------------------
+
+    def write(self, data: bytes) -> None:
+        if self._writer is not None and not self._writer.is_closing():
+            self._writer.write(data)
+
+    def write_eof(self) -> None:
+        """stdin ends (a pipe closes).  Never for a terminal: as with sshd, nothing happens."""
+        if not self.tty and self._writer is not None and not self._writer.is_closing():
+            self._writer.close()
+
+    def buffered(self) -> int:
+        w = self._writer
+        return 0 if w is None or w.is_closing() else w.transport.get_write_buffer_size()
+
+    async def drain(self) -> None:
+        w = self._writer
+        if w is not None and not w.is_closing():
+            await w.drain()
+
+    # --- control ----------------------------------------------------------------------------
+
+    async def resize(self, rows: int, cols: int) -> None:
+        """Our pty's size, then SIGWINCH: runc copies it onto her terminal."""
+        if self._master >= 0:
+            with contextlib.suppress(OSError):
+                fcntl.ioctl(self._master, termios.TIOCSWINSZ,
+                            struct.pack("HHHH", rows, cols, 0, 0))
+                self.send(signals.SIGWINCH)
+
+    def send(self, sig: signals.Signals) -> bool:
+        """To runc, which passes it on to her process; False once it has exited."""
+        if self._status is not None:
+            return False
+        try:
+            signals.pidfd_send_signal(self._pidfd, sig)
+        except ProcessLookupError:
+            return False
+        return True
+
+    @property
+    def running(self) -> bool:
+        return self._status is None
+
+    def _reap(self) -> None:
+        try:
+            pid, status = os.waitpid(self.pid, os.WNOHANG)
+        except ChildProcessError:
+            pid, status = self.pid, 255 << 8
+        if pid == 0:
+            return
+        loop = asyncio.get_running_loop()
+        loop.remove_reader(self._pidfd)
+        os.close(self._pidfd)
+        self._status = os.waitstatus_to_exitcode(status)
+        if self._status < 0:
+            self._status = 128 - self._status
+        if not self._exited.done():
+            self._exited.set_result(self._status)
+
+    async def signal(self, name: str) -> None:
+        """The client's signal, through runc to her process (runc passes every signal on)."""
+        if name in SIGNALS:
+            self.send(getattr(signals, f"SIG{name}"))
+
+    async def wait(self) -> int:
+        """Her process's exit status (runc's, which is hers: 128+N if signal N killed it).
+        If runc could not start it, or a signal came with the end of her whole container,
+        the reason as a BackendError."""
+        status = await asyncio.shield(self._exited)
+        await self._log_done.wait()
+        failed = ""
+        if status != 0 and self._log:
+            text = self._log.decode(errors="replace").strip()
+            if "level=error" in text or text.startswith("ERRO"):
+                failed = text
+        if (failed or status >= 128) and self.gone is not None:
+            gone = await self.gone()
+            if gone is not None:
+                raise gone
+        if failed:
+            raise BackendError("your session could not be started in your container; try "
+                               "again", f"runc exec: {failed[-500:]}", "exec-failed")
+        if self.on_exit is not None:
+            self.on_exit()
+        return status
+
+    def close(self) -> None:
+        """Our side ends, as with sshd: the pipes close (her command's input ends) or the pty
+        master does (the kernel hangs up her terminal: her shell gets SIGHUP).  What is still
+        running after HANGUP_GRACE is killed, its process group too; what she detached
+        (setsid, nohup, tmux) lives on."""
+        if self._writer is not None:
+            self._writer.close()
+        for r in self._readers:
+            if r.transport is not None:
+                r.transport.close()
+        if self._master >= 0:
+            with contextlib.suppress(OSError):
+                os.close(self._master)
+            self._master = -1
+        if self._status is None and not self._hung_up:
+            self._hung_up = True
+            if self.tty:  # her shell is told, and bash tells its jobs (as sshd's hang-up)
+                self.send(signals.SIGHUP)
+            asyncio.ensure_future(self._hang_up())
+
+    async def _hang_up(self) -> None:
+        try:
+            await asyncio.wait_for(asyncio.shield(self._exited), HANGUP_GRACE)
+        except TimeoutError:
+            if self.kill_leftovers is not None:
+                await self.kill_leftovers()
+                log.info("killed the leftover session process (runc %d) after %.0f s",
+                         self.pid, HANGUP_GRACE)
+
+
+def _read_all(fd: int, keep_open: bool = False) -> bytes:
+    """What a pipe or pty holds now, without waiting (EIO, EAGAIN: nothing more)."""
+    out = bytearray()
+    with contextlib.suppress(OSError):
+        os.set_blocking(fd, False)
+        while True:
+            chunk = os.read(fd, _READ)
+            if not chunk:
+                break
+            out += chunk
+    if not keep_open:
+        with contextlib.suppress(OSError):
+            os.close(fd)
+    return bytes(out)
