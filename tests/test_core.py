@@ -371,9 +371,12 @@ def test_asyncssh_client_exec_signal_and_terminal(gateway: GatewayProc,
     asyncio.run(scenario())
 
 
-def test_prestarted_process_serves_the_next_exec(gateway: GatewayProc,
+def test_prestarted_process_serves_the_next_exec(make_gateway,
                                                  docker_client: docker.DockerClient) -> None:
-    """After a session one spare waits; the next exec uses it with exact argv, env and stdin."""
+    """On the engine's exec path (the direct path needs none): after a session one spare
+    waits; the next exec uses it with exact argv, env and stdin."""
+    gateway = make_gateway(process_path="engine")
+    gateway.start()
     warm(gateway, "bob")
     c = docker_client.containers.get(gateway.container_name("bob"))
 

@@ -24,7 +24,9 @@ def from_config(config: Any, events: Any) -> DockerBackend:
                     "teams only (docs/security.md); the default 'rootless' is not", profile)
     check_host(profile)
     direct = None
-    if config.process_path != "engine":
+    if config.process_path == "engine":
+        log.info("sessions start through the engine's exec API (process_path: engine)")
+    else:
         direct = DirectExec.probe()
         if direct is None and config.process_path == "direct":
             raise SystemExit("dind-gateway: process_path: direct needs root, runc on PATH and "

@@ -8,7 +8,6 @@ wrapper and signal delivery (`process`) and pre-started execs (`spares`).
 from __future__ import annotations
 
 import asyncio
-import errno
 import ipaddress
 import json
 import logging
@@ -80,10 +79,12 @@ class DockerBackend(Backend):
         # users than that, so each user network gets a small subnet from our own pool.
         self.network_pool = ipaddress.IPv4Network(network_pool)
         self.subnet_prefix = subnet_prefix
-        self.spares = Spares(docker, self.container_name) if prestart else None
-        # the direct process path (direct.py): runc next to the engine, no relay by dockerd
+        # the direct process path (direct.py): runc next to the engine, no relay by dockerd.
+        # Spares hide the engine's exec start-up (~45 ms); a direct start costs about what
+        # taking a spare does (bench/), so they are for the engine path only.
         self.direct = direct
-        self._who: dict[str, tuple[tuple[str, str], Identity]] = {}
+        self.spares = Spares(docker, self.container_name) if prestart and not direct else None
+        self._who: dict[str, tuple[tuple[str, str], Identity, dict[str, Any]]] = {}
         self.disks = Disks(disks_dir) if disks_dir is not None else None
         # each user's own host uid and subordinate range (uids.py); without a file,
         # everybody is uid 1000 as before (only for backends that make no environment)
@@ -246,13 +247,15 @@ class DockerBackend(Backend):
         ready = self._ready.get(user)
         if ready is None or not self.direct.knows(ready[0]):
             return None
-        who = await self._identity(user, ready)
         try:
-            proc = await self.direct.start(ready[0], who, argv, env, workdir, tty, size)
+            who, base = await self._identity(user, ready)
+        except (OSError, ValueError, KeyError, StopIteration) as exc:
+            log.warning("container of %s: no runc state to start from (%r); this session "
+                        "goes through the engine", user, exc)
+            return None
+        try:
+            proc = await self.direct.start(ready[0], base, who, argv, env, workdir, tty, size)
         except OSError as exc:
-            if exc.errno == errno.E2BIG:  # her command line: what her shell would say
-                raise BackendError(f"sh: {exc.strerror}", f"runc exec for {user}: {exc}",
-                                   "exec-failed") from exc
             raise BackendError("your session could not be started; please tell your admin",
                                f"runc exec for {user}: {exc}", "exec-failed") from exc
         except RuncError as exc:
@@ -266,12 +269,16 @@ class DockerBackend(Backend):
             proc.kill_leftovers = lambda: self._kill_session(user, pidfile)
         return proc
 
-    async def _identity(self, user: str, ready: tuple[str, str]) -> Identity:
+    async def _identity(self, user: str,
+                        ready: tuple[str, str]) -> tuple[Identity, dict[str, Any]]:
         """uid, gid and groups of `docker exec -u USER` in this very container (asked once
-        per container start, of the engine itself: /etc/passwd, /etc/group, GroupAdd)."""
+        per container start, of the engine itself: /etc/passwd, /etc/group, GroupAdd), and
+        the container's own process spec."""
         known = self._who.get(user)
         if known is not None and known[0] == ready:
-            return known[1]
+            return known[1], known[2]
+        assert self.direct is not None
+        base = await asyncio.to_thread(self.direct.base_process, ready[0])
         proc = await self._fresh_exec(user, ["sh", "-c", "id -u; id -g; id -G"], False, {},
                                       "/", None)
         out = bytearray()
@@ -292,8 +299,8 @@ class DockerBackend(Backend):
             raise BackendError("your account in your container could not be looked up; "
                                "please tell your admin", f"id of {user}: status {status}, "
                                f"{bytes(out)[:200]!r}", "exec-failed") from exc
-        self._who[user] = (ready, who)
-        return who
+        self._who[user] = (ready, who, base)
+        return who, base
 
     async def _kill_session(self, user: str, pidfile: str) -> None:
         """Kill a hung-up session's process and its group, found by its PID file, as her."""

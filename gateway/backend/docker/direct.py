@@ -24,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import fcntl
+import json
 import logging
 import os
 import pty
@@ -31,10 +32,14 @@ import shutil
 import signal as signals
 import struct
 import termios
+import tty as ttys
 from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
+from ...aio import FdWriter
 from ..base import BackendError
 from .process import HANGUP_GRACE, SIGNALS
 
@@ -43,6 +48,7 @@ log = logging.getLogger("dind_gateway.backend")
 RUNC_ROOT = "/run/docker/runtime-runc/moby"  # where dockerd's containerd shim keeps runc state
 # fds 3, 4, 5 become stdin, stdout, stderr; `exec "$@"` keeps pid, exit status and signals
 REDIRECT = ["/bin/sh", "-c", 'exec 0<&3 1>&4 2>&5 3<&- 4>&- 5>&-; exec "$@"', "sh"]
+SPEC_FD = 9  # runc reads the process spec from /proc/self/fd/9
 _READ = 256 * 1024
 _HIGH_WATER = 1 << 20  # bytes read but not yet taken before reading pauses
 
@@ -83,22 +89,46 @@ class DirectExec:
     def close(self) -> None:
         """Nothing to release (kept for the backend's close)."""
 
-    async def start(self, container_id: str, who: Identity, argv: list[str],
-                    env: dict[str, str], workdir: str, tty: bool,
+    def base_process(self, container_id: str) -> dict[str, Any]:
+        """The container's own OCI process (capabilities, AppArmor profile, no_new_privs,
+        rlimits, environment), from the bundle the engine made: what a `docker exec` starts
+        from.  Read once per container start by the backend."""
+        state = json.loads(Path(self.root, container_id, "state.json").read_text())
+        bundle = next(label.split("=", 1)[1] for label in state["config"]["labels"]
+                      if label.startswith("bundle="))
+        return json.loads(Path(bundle, "config.json").read_text())["process"]
+
+    async def start(self, container_id: str, base: dict[str, Any], who: Identity,
+                    argv: list[str], env: dict[str, str], workdir: str, tty: bool,
                     size: tuple[int, int] = (80, 24)) -> DirectProcess:
-        """Her process, running (or failing in runc, reported by `DirectProcess.wait`)."""
-        cmd = [self.runc, "--root", self.root, "exec", "--user", f"{who.uid}:{who.gid}",
-               "--cwd", workdir]
-        for gid in who.groups:
-            cmd += ["--additional-gids", str(gid)]
-        for key, value in env.items():
-            cmd += ["--env", f"{key}={value}"]
+        """Her process, running (or failing in runc, reported by `DirectProcess.wait`).
+
+        Its spec is the container's process with what `docker exec -u USER` replaces: the
+        arguments, the environment (hers over the container's), the directory, the terminal
+        and the user (uid, gid and exactly her groups: runc's --user would keep root's)."""
+        spec = dict(base)
+        spec["args"] = list(argv) if tty else [*REDIRECT, *argv]
+        spec["env"] = _merge_env(base.get("env") or [], env)
+        spec["cwd"] = workdir
+        spec["terminal"] = tty
+        spec["user"] = {"uid": who.uid, "gid": who.gid,
+                        "additionalGids": list(dict.fromkeys((who.gid, *who.groups)))}
+        spec.pop("consoleSize", None)
         if tty:
-            return await self._start_tty(cmd, container_id, argv, size)
-        return await self._start_pipes(cmd, container_id, argv)
+            spec["consoleSize"] = {"height": size[1], "width": size[0]}
+        # the spec goes in a memfd as fd 9: no file to clean up, no size limit of a pipe
+        memfd = os.memfd_create("dgw-process", os.MFD_CLOEXEC)
+        try:
+            os.write(memfd, json.dumps(spec).encode())
+            cmd = [self.runc, "--root", self.root, "exec", "--process", f"/proc/self/fd/{SPEC_FD}"]
+            if tty:
+                return await self._start_tty(cmd, container_id, memfd, size)
+            return await self._start_pipes(cmd, container_id, memfd)
+        finally:
+            os.close(memfd)
 
     async def _start_pipes(self, cmd: list[str], container_id: str,
-                           argv: list[str]) -> DirectProcess:
+                           memfd: int) -> DirectProcess:
         ends: list[int] = []
         try:
             in_r, in_w = os.pipe()
@@ -114,9 +144,10 @@ class DirectExec:
             actions = [(os.POSIX_SPAWN_DUP2, null, 0), (os.POSIX_SPAWN_DUP2, null, 1),
                        (os.POSIX_SPAWN_DUP2, log_w, 2)]
             actions += [(os.POSIX_SPAWN_DUP2, fd, 3 + i) for i, fd in enumerate(high)]
+            actions.append((os.POSIX_SPAWN_DUP2, memfd, SPEC_FD))
             # posix_spawn is vfork + exec: it returns once runc is running, in well under 1 ms
-            pid = os.posix_spawn(self.runc, [*cmd, "--preserve-fds", "3", container_id,  # noqa: ASYNC221
-                                             *REDIRECT, *argv], _spawn_env(),
+            pid = os.posix_spawn(self.runc, [*cmd, "--preserve-fds", "3",  # noqa: ASYNC221
+                                             container_id], _spawn_env(),
                                  file_actions=actions, setsigdef=_DEFAULT_SIGNALS)
             for fd in (in_r, out_w, err_w, log_w, null, *high):
                 os.close(fd)
@@ -130,8 +161,8 @@ class DirectExec:
                     os.close(fd)
             raise
 
-    async def _start_tty(self, cmd: list[str], container_id: str,
-                         argv: list[str], size: tuple[int, int]) -> DirectProcess:
+    async def _start_tty(self, cmd: list[str], container_id: str, memfd: int,
+                         size: tuple[int, int]) -> DirectProcess:
         """runc makes her terminal in her container and, attached (`--console-socket` is for
         detached runs only), copies it to and from a pty pair of ours, whose size it follows
         on SIGWINCH."""
@@ -139,12 +170,14 @@ class DirectExec:
         log_r = log_w = -1
         try:
             fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", size[1], size[0], 0, 0))
+            ttys.setraw(slave)  # ours only carries bytes: her terminal is the one that echoes
             log_r, log_w = os.pipe()
-            pid = os.posix_spawn(self.runc, [*cmd, "--tty", container_id, *argv],  # noqa: ASYNC221
+            pid = os.posix_spawn(self.runc, [*cmd, container_id],  # noqa: ASYNC221
                                  _spawn_env(), setsid=True, setsigdef=_DEFAULT_SIGNALS,
                                  file_actions=[(os.POSIX_SPAWN_DUP2, slave, 0),
                                                (os.POSIX_SPAWN_DUP2, slave, 1),
-                                               (os.POSIX_SPAWN_DUP2, log_w, 2)])
+                                               (os.POSIX_SPAWN_DUP2, log_w, 2),
+                                               (os.POSIX_SPAWN_DUP2, memfd, SPEC_FD)])
         except BaseException:
             for fd in (master, log_r):
                 if fd >= 0:
@@ -159,6 +192,13 @@ class DirectExec:
         await proc.attach(write_fd=os.dup(master), read_fds=((1, os.dup(master)),),
                           log_fd=log_r)
         return proc
+
+
+def _merge_env(base: list[str], env: dict[str, str]) -> list[str]:
+    """The container's variables, hers replacing any of the same name (as Docker's exec)."""
+    merged = {item.split("=", 1)[0]: item for item in base}
+    merged.update({k: f"{k}={v}" for k, v in env.items()})
+    return list(merged.values())
 
 
 _DEFAULT_SIGNALS = (signals.SIGPIPE, signals.SIGINT, signals.SIGTERM, signals.SIGHUP)
@@ -209,7 +249,7 @@ class DirectProcess:
         self._more = asyncio.Event()
         self._readers: list[_Reader] = []
         self._open = 0
-        self._writer: asyncio.StreamWriter | None = None
+        self._writer: FdWriter | None = None
         self._master = -1
         self._log = bytearray()
         self._log_done = asyncio.Event()
@@ -224,9 +264,7 @@ class DirectProcess:
             self._readers.append(reader)
             self._open += 1
             await loop.connect_read_pipe(lambda r=reader: r, os.fdopen(fd, "rb", buffering=0))
-        transport, protocol = await loop.connect_write_pipe(
-            asyncio.streams.FlowControlMixin, os.fdopen(write_fd, "wb", buffering=0))
-        self._writer = asyncio.StreamWriter(transport, protocol, None, loop)
+        self._writer = FdWriter(write_fd)
         asyncio.ensure_future(self._collect_log(log_fd))
 
     async def _collect_log(self, fd: int) -> None:
@@ -281,22 +319,20 @@ class DirectProcess:
     # --- input ------------------------------------------------------------------------------
 
     def write(self, data: bytes) -> None:
-        if self._writer is not None and not self._writer.is_closing():
+        if self._writer is not None:
             self._writer.write(data)
 
     def write_eof(self) -> None:
         """stdin ends (a pipe closes).  Never for a terminal: as with sshd, nothing happens."""
-        if not self.tty and self._writer is not None and not self._writer.is_closing():
-            self._writer.close()
+        if not self.tty and self._writer is not None:
+            self._writer.write_eof()
 
     def buffered(self) -> int:
-        w = self._writer
-        return 0 if w is None or w.is_closing() else w.transport.get_write_buffer_size()
+        return 0 if self._writer is None else self._writer.buffered()
 
     async def drain(self) -> None:
-        w = self._writer
-        if w is not None and not w.is_closing():
-            await w.drain()
+        if self._writer is not None:
+            await self._writer.drain()
 
     # --- control ----------------------------------------------------------------------------
 
@@ -358,6 +394,9 @@ class DirectProcess:
             gone = await self.gone()
             if gone is not None:
                 raise gone
+        if "argument list too long" in failed.lower():  # her command: what a shell would say
+            raise BackendError("sh: Argument list too long", f"runc exec: {failed[-300:]}",
+                               "exec-failed")
         if failed:
             raise BackendError("your session could not be started in your container; try "
                                "again", f"runc exec: {failed[-500:]}", "exec-failed")
