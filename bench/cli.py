@@ -131,6 +131,8 @@ def main(argv: list[str] | None = None) -> int:
     status = 0
     try:
         rig.start()
+        if rig.supports("process_path"):  # the engine's exec path, side by side (issue 14)
+            rig.add_gateway("gateway-engine", [], settings={"process_path": "engine"})
         first = users[0]
         say(f"gateway :{rig.contenders['gateway'].port}, diy sshd :{rig.contenders['diy'].port}"
             f", plain sshd :{rig.contenders['plain'].port}; starting {first}'s containers")

@@ -19,6 +19,8 @@ from pathlib import Path
 from .report import MIB, LoadResult, Results, percentile
 from .rig import LABEL_INSTANCE, LABEL_OWNER, BenchError, Contender, Rig, docker
 
+GIB = 1 << 30
+
 
 @dataclass(frozen=True)
 class Plan:
@@ -71,7 +73,57 @@ def shell(cmd: str) -> list[str]:
 
 
 def contenders(rig: Rig, *names: str) -> list[Contender]:
-    return [rig.contenders[n] for n in names]
+    """The named contenders; "gateway" brings its engine-path twin along when it runs."""
+    out = []
+    for n in names:
+        out.append(rig.contenders[n])
+        if n == "gateway" and "gateway-engine" in rig.contenders:
+            out.append(rig.contenders["gateway-engine"])
+    return out
+
+
+def _proc_table() -> dict[int, tuple[int, str, float]]:
+    """pid -> (ppid, comm, CPU seconds incl. reaped children) for every process."""
+    tick = os.sysconf("SC_CLK_TCK")
+    out = {}
+    for d in os.listdir("/proc"):
+        if not d.isdigit():
+            continue
+        try:
+            stat = Path(f"/proc/{d}/stat").read_text()
+        except OSError:
+            continue
+        head, rest = stat.rsplit(")", 1)
+        f = rest.split()
+        out[int(d)] = (int(f[1]), head.split("(", 1)[1], sum(int(x) for x in f[11:15]) / tick)
+    return out
+
+
+ENGINE = ("dockerd", "containerd")  # and every containerd-shim below them
+
+
+def server_cpu(rig: Rig, c: Contender) -> float:
+    """CPU seconds so far of what serves `c` (never the client): the gateway or sshd process
+    and everything below it, plus the engine (dockerd, containerd, every shim and what runs
+    under them: her sftp-server on the engine's path) for the contenders that use it."""
+    table = _proc_table()
+    children: dict[int, list[int]] = {}
+    for pid, (ppid, _, _) in table.items():
+        children.setdefault(ppid, []).append(pid)
+    roots = [rig.procs[c.name].pid]
+    if c.name != "plain":
+        roots += [pid for pid, (_, comm, _) in table.items()
+                  if comm in ENGINE or comm.startswith("containerd-shim")]
+    seen: set[int] = set()
+    total, todo = 0.0, roots
+    while todo:
+        pid = todo.pop()
+        if pid in seen or pid not in table:
+            continue
+        seen.add(pid)
+        total += table[pid][2]
+        todo.extend(children.get(pid, []))
+    return total
 
 
 # --- 1. warm login ------------------------------------------------------------------------
@@ -91,6 +143,28 @@ def warm_login(rig: Rig, plan: Plan, res: Results) -> None:
     for _ in range(plan.warm_reps):
         for c in cs:
             res.add("warm_login", c.name, "s", run(c.ssh(user, "true"), f"{c.name} login"))
+    for _ in range(plan.warm_reps):
+        for c in cs:
+            res.add("pty_login", c.name, "s", pty_login(c, user))
+
+
+def pty_login(c: Contender, user: str) -> float:
+    """`ssh -tt` to a login shell, a command typed at once: seconds until its answer shows
+    (what a person waits for before the first command runs)."""
+    import pexpect
+
+    t0 = time.perf_counter()
+    child = pexpect.spawn(c.ssh(user, opts=("-tt",))[0], c.ssh(user, opts=("-tt",))[1:],
+                          timeout=120)
+    try:
+        child.sendline("echo PTY-$((40+2))")
+        child.expect_exact(b"PTY-42")
+        dt = time.perf_counter() - t0
+        child.sendline("exit")
+        child.expect(pexpect.EOF)
+    finally:
+        child.close(force=True)
+    return dt
 
 
 # --- 2. cold and idle-stop logins ---------------------------------------------------------
@@ -205,7 +279,10 @@ def transfers(rig: Rig, plan: Plan, res: Results) -> None:
         dst = rig.tmp / f"dl-{c.name}.bin"
         argv = (sftp(c, f"get {c.path(remote)} {dst}") if tool == "sftp"
                 else scp(c, f"{c.login(user)}:{c.path(remote)}", str(dst)))
+        cpu = server_cpu(rig, c)
         dt = run(argv, f"{c.name} {tool} get")
+        if tool == "sftp":
+            res.add("sftp_get_cpu", c.name, "s/GiB", (server_cpu(rig, c) - cpu) / (n / GIB))
         got = dst.stat().st_size
         dst.unlink()
         if got != n:

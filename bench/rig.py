@@ -233,6 +233,11 @@ class Rig:
     def gateway_container(self, user: str) -> str:
         return f"{self.prefix}-{user}"
 
+    def supports(self, setting: str) -> bool:
+        """Whether the gateway under test knows a gateway.yaml setting (older snapshots)."""
+        root = self.gateway_root / "gateway"
+        return any(setting in f.read_text() for f in root.glob("config*/**/*.py"))
+
     def gateway_pid(self) -> int:
         return self.procs["gateway"].pid
 
@@ -294,15 +299,18 @@ class Rig:
         os.chown(home, pw.pw_uid, pw.pw_gid)
 
     def add_gateway(self, name: str, args: list[str], cmd: list[str] | None = None,
-                    env: dict[str, str] | None = None) -> Contender:
-        """A second gateway process (same prefix, users and containers), e.g. --no-uvloop."""
+                    env: dict[str, str] | None = None,
+                    settings: dict[str, object] | None = None) -> Contender:
+        """A second gateway process (same prefix, users and containers), e.g. --no-uvloop,
+        or other gateway.yaml `settings` (process_path: engine)."""
         port = free_port()
-        self._start_gateway(port, name, args, cmd, env)
+        self._start_gateway(port, name, args, cmd, env, settings)
         self.contenders[name] = Contender(name, port, self.keys)
         return self.contenders[name]
 
     def _start_gateway(self, port: int, name: str = "gateway", args: list[str] | None = None,
-                       cmd: list[str] | None = None, env: dict[str, str] | None = None) -> None:
+                       cmd: list[str] | None = None, env: dict[str, str] | None = None,
+                       extra: dict[str, object] | None = None) -> None:
         d = self.tmp / name
         d.mkdir()
         users = {u: {"keys": [self._pub(u)], **LIMITS, **self.limits.get(u, {})}
@@ -323,6 +331,7 @@ class Rig:
             settings["max_startups_per_source"] = 500
         if "noauth_burst" in config_src:  # bench clients come and go without logging in too
             settings["noauth_burst"] = 100000
+        settings.update(extra or {})
         (d / "gateway.yaml").write_text(yaml.safe_dump(settings, sort_keys=False))
         log = d / "gateway.log"
         with open(log, "ab") as logf:

@@ -28,6 +28,7 @@ import json
 import logging
 import os
 import pty
+import re
 import shutil
 import signal as signals
 import struct
@@ -39,7 +40,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ...aio import FdWriter
+from ...aio import FdWriter, background
 from ..base import BackendError
 from .process import HANGUP_GRACE, SIGNALS
 
@@ -265,7 +266,7 @@ class DirectProcess:
             self._open += 1
             await loop.connect_read_pipe(lambda r=reader: r, os.fdopen(fd, "rb", buffering=0))
         self._writer = FdWriter(write_fd)
-        asyncio.ensure_future(self._collect_log(log_fd))
+        background(self._collect_log(log_fd))
 
     async def _collect_log(self, fd: int) -> None:
         """runc's own stderr: empty unless runc itself failed."""
@@ -386,10 +387,10 @@ class DirectProcess:
         status = await asyncio.shield(self._exited)
         await self._log_done.wait()
         failed = ""
-        if status != 0 and self._log:
-            text = self._log.decode(errors="replace").strip()
-            if "level=error" in text or text.startswith("ERRO"):
-                failed = text
+        if status != 0 and self._log:  # her own stderr is elsewhere: this is runc's
+            lines = [line for line in self._log.decode(errors="replace").splitlines()
+                     if line.strip() and not re.search(r"level=(warning|info|debug)", line)]
+            failed = "\n".join(lines)
         if (failed or status >= 128) and self.gone is not None:
             gone = await self.gone()
             if gone is not None:
@@ -422,7 +423,7 @@ class DirectProcess:
             self._hung_up = True
             if self.tty:  # her shell is told, and bash tells its jobs (as sshd's hang-up)
                 self.send(signals.SIGHUP)
-            asyncio.ensure_future(self._hang_up())
+            background(self._hang_up())
 
     async def _hang_up(self) -> None:
         try:
