@@ -147,7 +147,8 @@ def main(argv: list[str] | None = None) -> int:
         res.notes.append("DIY and gateway containers: same flags and limits (docker inspect)")
         res.notes.append(_others())
         steps = {"warm": measure.warm_login, "stream": measure.streams,
-                 "transfer": measure.transfers, "cold": measure.cold_and_idle,
+                 "transfer": measure.transfers, "parallel": measure.parallel,
+                 "cold": measure.cold_and_idle,
                  "load": measure.load}
         loads = [f"start {os.getloadavg()[0]:.1f}"]
         rss = [f"start {measure.rss_of(rig.gateway_pid()) / MIB:.0f}"]

@@ -31,7 +31,7 @@ class Plan:
     load_users: int
     load_sessions: int
     load_bursts: int
-    stages: tuple[str, ...] = ("warm", "stream", "transfer", "cold", "load")
+    stages: tuple[str, ...] = ("warm", "stream", "transfer", "parallel", "cold", "load")
 
     def describe(self) -> str:
         return (f"{self.warm_reps} warm / {self.cold_reps} cold repetitions, "
@@ -300,6 +300,50 @@ def transfers(rig: Rig, plan: Plan, res: Results) -> None:
     for c in cs:
         subprocess.run(c.ssh(user, f"rm -f {c.path(remote)}"), capture_output=True,
                        stdin=subprocess.DEVNULL)
+
+
+# --- 4b. parallel sftp ------------------------------------------------------------------------
+
+PARALLEL = 4
+
+
+def parallel(rig: Rig, plan: Plan, res: Results) -> None:
+    """4 users download a file each at once (gateway: from their own containers; plain: 4
+    files of the one account): aggregate MiB/s, and how far apart the four finished."""
+    users = [u for u in rig.users if u != "cold"][:PARALLEL]
+    n = plan.size
+    cs = [*contenders(rig, "gateway"), rig.contenders["plain"]]
+    names = {c.name: [c.path(f"par-{i}.bin") for i in range(len(users))] for c in cs}
+    for c in cs:
+        for user, name in zip(users, names[c.name], strict=True):
+            run(c.ssh(user, f"head -c {n} /dev/zero > {name}"), f"{c.name} parallel file",
+                timeout=600)
+    spreads: dict[str, list[float]] = {}
+    for _ in range(plan.reps):
+        for c in cs:
+            procs, t0 = [], time.perf_counter()
+            for i, (user, name) in enumerate(zip(users, names[c.name], strict=True)):
+                batch = rig.tmp / f"par-{c.name}-{i}.batch"
+                batch.write_text(f"get {name} /dev/null\n")
+                procs.append(subprocess.Popen(
+                    ["sftp", "-q", "-b", str(batch), *c.scp_opts(user), c.login(user)],
+                    stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE))
+            ends = []
+            for proc in procs:
+                _, err = proc.communicate(timeout=1800)
+                ends.append(time.perf_counter() - t0)
+                if proc.returncode != 0:
+                    raise BenchError(f"{c.name} parallel sftp get failed: {err.decode()[-300:]}")
+            res.add("par_sftp_get", c.name, "MiB/s", len(users) * n / MIB / max(ends))
+            spreads.setdefault(c.name, []).append(max(ends) / min(ends) - 1)
+    for c in cs:
+        run(c.ssh(users[0], "rm -f " + " ".join(names[c.name])), f"{c.name} rm", timeout=60)
+        for user in users[1:] if c.name != "plain" else []:
+            run(c.ssh(user, "rm -f par-*.bin"), f"{c.name} rm", timeout=60)
+    res.notes.append(f"parallel sftp get ({len(users)} users × {n / MIB:g} MiB at once): the "
+                     "last download took longer than the first by " + ", ".join(
+                         f"{name} {100 * max(v):.0f} %" for name, v in spreads.items())
+                     + " (worst of the runs)")
 
 
 # --- 5. load ---------------------------------------------------------------------------------
