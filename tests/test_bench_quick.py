@@ -14,13 +14,18 @@ from pathlib import Path
 
 import docker
 
+from bench.report import TARGETS
+
 from .conftest import IMAGE, ROOT
 
 NUM = r"\d+(?:\.\d+)?"
-MEASUREMENTS = ("warm_login", "cold_login", "idle_login", "stream_up", "stream_down",
-                "sftp_put", "sftp_get", "scp_put", "scp_get", "load_login")
-CONTENDERS = {"warm_login": ("gateway", "diy", "plain"), "cold_login": ("gateway", "raw"),
-              "idle_login": ("gateway", "raw"), "load_login": ("gateway", "diy")}
+MEASUREMENTS = ("warm_login", "pty_login", "cold_login", "idle_login", "stream_up",
+                "stream_down", "sftp_put", "sftp_get", "scp_put", "scp_get", "par_sftp_get",
+                "sftp_get_cpu", "load_login")
+# the engine-path gateway runs next to the default (direct path) one
+CONTENDERS = {"cold_login": ("gateway", "raw"), "idle_login": ("gateway", "raw"),
+              "load_login": ("gateway", "gateway-engine", "diy"),
+              "par_sftp_get": ("gateway", "gateway-engine", "plain")}
 
 
 def test_bench_quick(docker_client: docker.DockerClient, tmp_path: Path) -> None:
@@ -31,15 +36,18 @@ def test_bench_quick(docker_client: docker.DockerClient, tmp_path: Path) -> None
     output = p.stdout + p.stderr
     assert p.returncode == 0, output[-4000:]
     for key in MEASUREMENTS:
-        for contender in CONTENDERS.get(key, ("gateway", "diy", "plain")):
-            row = rf"^{key}\s+{contender}\s+{NUM}\s+{NUM}\s+{NUM}\s+(s|MiB/s)\s+\d+\s+{NUM}$"
+        for contender in CONTENDERS.get(key, ("gateway", "gateway-engine", "diy", "plain")):
+            row = (rf"^{key}\s+{contender}\s+{NUM}\s+{NUM}\s+{NUM}\s+(s|MiB/s|s/GiB)\s+\d+"
+                   rf"\s+{NUM}$")
             assert re.search(row, p.stdout, re.M), f"no numeric row {key}/{contender}:\n{output}"
     for contender in ("gateway", "diy"):
         assert re.search(rf"^load_summary\s+{contender}\s+sessions=5 users=2 .*failures=\d+ "
                          rf"p50={NUM} p95={NUM}", p.stdout, re.M), output
         assert re.search(rf"^load_rss\s+{contender}\s+idle_mib={NUM} open_mib={NUM} ",
                          p.stdout, re.M), output
-    assert len(re.findall(r"^target: .*: (MET|NOT MET)$", p.stdout, re.M)) == 10, output
+    # every target of bench/report.py, and the two of the load test
+    assert len(re.findall(r"^target: .*: (MET|NOT MET)$", p.stdout, re.M)) == len(TARGETS) + 2, \
+        output
     text = out_md.read_text()
     for heading in ("## Machine", "## Results", "## Load", "## Targets", "## Profile notes"):
         assert heading in text

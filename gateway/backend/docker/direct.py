@@ -392,9 +392,13 @@ class DirectProcess:
                      if line.strip() and not re.search(r"level=(warning|info|debug)", line)]
             failed = "\n".join(lines)
         if (failed or status >= 128) and self.gone is not None:
-            gone = await self.gone()
-            if gone is not None:
-                raise gone
+            # killed: by her, or with her whole container (removed, stopped, OOM)?  runc
+            # knows before the engine does: look again briefly.
+            for pause in (0.0, 0.1, 0.2, 0.4):
+                await asyncio.sleep(pause)
+                gone = await self.gone()
+                if gone is not None:
+                    raise gone
         if "argument list too long" in failed.lower():  # her command: what a shell would say
             raise BackendError("sh: Argument list too long", f"runc exec: {failed[-300:]}",
                                "exec-failed")
