@@ -359,8 +359,8 @@ def rss_with_children(pid: int) -> int:
     direct path's runc processes share their binary's pages, so VmRSS would count those once
     per session."""
     children: dict[int, list[int]] = {}
-    for ppid_pid in _proc_table().items():
-        children.setdefault(ppid_pid[1][0], []).append(ppid_pid[0])
+    for child, (ppid, _, _) in _proc_table().items():
+        children.setdefault(ppid, []).append(child)
     total, todo = rss_of(pid), list(children.get(pid, []))
     while todo:
         p = todo.pop()
@@ -376,15 +376,8 @@ def rss_with_children(pid: int) -> int:
 def rss_of_tree(pid: int) -> int:
     """VmRSS summed over a process and all its descendants (shared pages counted each time)."""
     children: dict[int, list[int]] = {}
-    for d in os.listdir("/proc"):
-        if not d.isdigit():
-            continue
-        try:
-            stat = Path(f"/proc/{d}/stat").read_text()
-        except OSError:
-            continue
-        ppid = int(stat.rsplit(")", 1)[1].split()[1])
-        children.setdefault(ppid, []).append(int(d))
+    for child, (ppid, _, _) in _proc_table().items():
+        children.setdefault(ppid, []).append(child)
     total, todo = 0, [pid]
     while todo:
         p = todo.pop()

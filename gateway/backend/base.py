@@ -288,16 +288,20 @@ class Backend(abc.ABC):
 
         Never as root: the environment is hers, and nothing the gateway runs there as root may
         read anything she controls."""
-        proc = await self.start(ProcessSpec(user=user, kind="argv", argv=tuple(argv),
-                                            workdir="/"))
-        out = []
-        try:
-            while True:
-                stream, data = await proc.read()
-                if not stream:
-                    break
-                if stream == 1:
-                    out.append(data)
-        finally:
-            proc.close()
-        return await proc.wait(), b"".join(out)
+        return await collect(await self.start(ProcessSpec(user=user, kind="argv",
+                                                          argv=tuple(argv), workdir="/")))
+
+
+async def collect(proc: Process) -> tuple[int, bytes]:
+    """A short process's exit status and stdout (its stderr dropped)."""
+    out = []
+    try:
+        while True:
+            stream, data = await proc.read()
+            if not stream:
+                break
+            if stream == 1:
+                out.append(data)
+    finally:
+        proc.close()
+    return await proc.wait(), b"".join(out)

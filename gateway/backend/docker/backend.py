@@ -32,6 +32,7 @@ from ..base import (
     ProcessSpec,
     Share,
     UnixListener,
+    collect,
 )
 from .direct import DirectExec, DirectProcess, Identity, RuncError
 from .disks import DiskError, Disks, share_permissions
@@ -279,26 +280,15 @@ class DockerBackend(Backend):
             return known[1], known[2]
         assert self.direct is not None
         base = await asyncio.to_thread(self.direct.base_process, ready[0])
-        proc = await self._fresh_exec(user, ["sh", "-c", "id -u; id -g; id -G"], False, {},
-                                      "/", None)
-        out = bytearray()
-        try:
-            while True:
-                stream, data = await proc.read()
-                if not stream:
-                    break
-                if stream == 1:
-                    out += data
-        finally:
-            proc.close()
-        status = await proc.wait()
+        status, out = await collect(await self._fresh_exec(
+            user, ["sh", "-c", "id -u; id -g; id -G"], False, {}, "/", None))
         try:
             uid, gid, groups = out.decode().split("\n")[:3]
             who = Identity(int(uid), int(gid), tuple(int(g) for g in groups.split()))
         except ValueError as exc:
             raise BackendError("your account in your container could not be looked up; "
                                "please tell your admin", f"id of {user}: status {status}, "
-                               f"{bytes(out)[:200]!r}", "exec-failed") from exc
+                               f"{out[:200]!r}", "exec-failed") from exc
         self._who[user] = (ready, who, base)
         return who, base
 
