@@ -83,7 +83,7 @@ def contenders(rig: Rig, *names: str) -> list[Contender]:
 
 
 def _proc_table() -> dict[int, tuple[int, str, float]]:
-    """pid -> (ppid, comm, CPU seconds incl. reaped children) for every process."""
+    """pid -> (ppid, comm, own CPU seconds: utime + stime) for every process."""
     tick = os.sysconf("SC_CLK_TCK")
     out = {}
     for d in os.listdir("/proc"):
@@ -95,17 +95,17 @@ def _proc_table() -> dict[int, tuple[int, str, float]]:
             continue
         head, rest = stat.rsplit(")", 1)
         f = rest.split()
-        out[int(d)] = (int(f[1]), head.split("(", 1)[1], sum(int(x) for x in f[11:15]) / tick)
+        out[int(d)] = (int(f[1]), head.split("(", 1)[1], (int(f[11]) + int(f[12])) / tick)
     return out
 
 
 ENGINE = ("dockerd", "containerd")  # and every containerd-shim below them
 
 
-def server_cpu(rig: Rig, c: Contender) -> float:
-    """CPU seconds so far of what serves `c` (never the client): the gateway or sshd process
-    and everything below it, plus the engine (dockerd, containerd, every shim and what runs
-    under them: her sftp-server on the engine's path) for the contenders that use it."""
+def _server_tree(rig: Rig, c: Contender) -> dict[int, float]:
+    """Own CPU seconds of each process serving `c` now (never the client): the gateway or
+    sshd process and everything below it, plus the engine (dockerd, containerd, every shim
+    and what runs under them: her sftp-server on the engine's path) for its users."""
     table = _proc_table()
     children: dict[int, list[int]] = {}
     for pid, (ppid, _, _) in table.items():
@@ -114,16 +114,47 @@ def server_cpu(rig: Rig, c: Contender) -> float:
     if c.name != "plain":
         roots += [pid for pid, (_, comm, _) in table.items()
                   if comm in ENGINE or comm.startswith("containerd-shim")]
-    seen: set[int] = set()
-    total, todo = 0.0, roots
+    out: dict[int, float] = {}
+    todo = roots
     while todo:
         pid = todo.pop()
-        if pid in seen or pid not in table:
+        if pid in out or pid not in table:
             continue
-        seen.add(pid)
-        total += table[pid][2]
+        out[pid] = table[pid][2]
         todo.extend(children.get(pid, []))
-    return total
+    return out
+
+
+class ServerCpu:
+    """CPU seconds the serving side spends while the block runs, sampled every 50 ms: a
+    process that ends in between counts with its last sample (what its parent is credited
+    when reaping it is not reliable: sshd's session processes never show up there)."""
+
+    def __init__(self, rig: Rig, c: Contender) -> None:
+        self.rig, self.c = rig, c
+        self.seconds = 0.0
+
+    def __enter__(self) -> ServerCpu:
+        import threading
+
+        self._start = _server_tree(self.rig, self.c)
+        self._seen = dict(self._start)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def _sample(self) -> None:
+        while not self._stop.wait(0.05):
+            for pid, cpu in _server_tree(self.rig, self.c).items():
+                self._seen[pid] = max(cpu, self._seen.get(pid, 0.0))
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        for pid, cpu in _server_tree(self.rig, self.c).items():
+            self._seen[pid] = max(cpu, self._seen.get(pid, 0.0))
+        self.seconds = sum(self._seen.values()) - sum(self._start.values())
 
 
 # --- 1. warm login ------------------------------------------------------------------------
@@ -279,10 +310,10 @@ def transfers(rig: Rig, plan: Plan, res: Results) -> None:
         dst = rig.tmp / f"dl-{c.name}.bin"
         argv = (sftp(c, f"get {c.path(remote)} {dst}") if tool == "sftp"
                 else scp(c, f"{c.login(user)}:{c.path(remote)}", str(dst)))
-        cpu = server_cpu(rig, c)
-        dt = run(argv, f"{c.name} {tool} get")
+        with ServerCpu(rig, c) as cpu:
+            dt = run(argv, f"{c.name} {tool} get")
         if tool == "sftp":
-            res.add("sftp_get_cpu", c.name, "s/GiB", (server_cpu(rig, c) - cpu) / (n / GIB))
+            res.add("sftp_get_cpu", c.name, "s/GiB", cpu.seconds / (n / GIB))
         got = dst.stat().st_size
         dst.unlink()
         if got != n:
