@@ -273,7 +273,11 @@ def markdown(res: Results, plan_text: str, mach: list[tuple[str, str]], elapsed:
         "",
         "## Contenders",
         "",
-        "- **gateway**: `python -m gateway serve` (this repository), hardened profile.",
+        "- **gateway**: `python -m gateway serve` (this repository), hardened profile, "
+        "sessions on the direct process path (`process_path: auto`: runc next to the "
+        "engine). **gateway-engine**: the same code and containers with `process_path: "
+        "engine` (the Engine API's exec, with spares): the before/after of the direct path, "
+        "in one run.",
         "- **diy**: the do-it-yourself baseline: OpenSSH `sshd` on 127.0.0.1 with "
         "`ForceCommand bench/diy-wrapper.sh` (`docker exec -i [-t] -u USER -w /home/USER "
         "CONTAINER sh -c \"$SSH_ORIGINAL_COMMAND\"`) and `Subsystem sftp bench/diy-sftp.sh` "
