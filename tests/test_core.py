@@ -371,11 +371,12 @@ def test_asyncssh_client_exec_signal_and_terminal(gateway: GatewayProc,
     asyncio.run(scenario())
 
 
-def test_prestarted_process_serves_the_next_exec(make_gateway,
+@pytest.mark.parametrize("path", ["direct", "engine"])
+def test_prestarted_process_serves_the_next_exec(make_gateway, path: str,
                                                  docker_client: docker.DockerClient) -> None:
-    """On the engine's exec path (the direct path needs none): after a session one spare
-    waits; the next exec uses it with exact argv, env and stdin."""
-    gateway = make_gateway(process_path="engine")
+    """On either process path: after a session one spare waits; the next exec uses it with
+    exact argv, env and stdin."""
+    gateway = make_gateway(process_path=path)
     gateway.start()
     warm(gateway, "bob")
     c = docker_client.containers.get(gateway.container_name("bob"))

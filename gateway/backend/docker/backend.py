@@ -41,7 +41,7 @@ from .process import HANGUP_GRACE, KILLER, LIVE, REAPER, DockerProcess, exec_arg
 from .registry import Mirror, RegistryOptions, preload
 from .security import PROFILES, host_config, limit_spec
 from .sockets import NamespaceSockets, bind_listen, unix_connect, unix_listener
-from .spares import Spares, encode_header
+from .spares import SPARE_ARGV, Spares, encode_header
 from .uids import LEGACY, Ids, UidError, UidMap, container_ids
 
 log = logging.getLogger("dind_gateway.backend")
@@ -81,11 +81,13 @@ class DockerBackend(Backend):
         self.network_pool = ipaddress.IPv4Network(network_pool)
         self.subnet_prefix = subnet_prefix
         # the direct process path (direct.py): runc next to the engine, no relay by dockerd.
-        # Spares hide the engine's exec start-up (~45 ms); a direct start costs about what
-        # taking a spare does (bench/), so they are for the engine path only.
+        # Spares hide the engine's exec start-up (~45 ms); the direct path has its own
+        # (`_direct_spares`: a shell started through runc, waiting for its header).
         self.direct = direct
         self.spares = Spares(docker, self.container_name) if prestart and not direct else None
         self._who: dict[str, tuple[tuple[str, str], Identity, dict[str, Any]]] = {}
+        # one pre-started direct process per user (as spares.py, through runc)
+        self._direct_spares: dict[str, tuple[tuple[str, str], DirectProcess]] = {}
         self.disks = Disks(disks_dir) if disks_dir is not None else None
         # each user's own host uid and subordinate range (uids.py); without a file,
         # everybody is uid 1000 as before (only for backends that make no environment)
@@ -194,6 +196,9 @@ class DockerBackend(Backend):
     def _forget(self, user: str) -> None:
         self._ready.pop(user, None)
         self._who.pop(user, None)
+        spare = self._direct_spares.pop(user, None)
+        if spare is not None:
+            spare[1].close()
         if self.spares is not None:
             self.spares.drop(user)
 
@@ -221,9 +226,22 @@ class DockerBackend(Backend):
         argv, env, pidfile = exec_argv(spec)
         workdir = spec.workdir or f"/home/{user}"
         if self.direct is not None:
-            direct = await self._start_direct(user, argv, spec.tty, env, workdir, pidfile,
-                                              spec.size)
+            spare = self._direct_spares.pop(user, None)
+            usable = not spec.tty and workdir == f"/home/{user}"
+            if spare is not None and (not usable or not spare[1].running
+                                      or spare[0] != self._ready.get(user)):
+                spare[1].close()
+                spare = None
+            if spare is not None:  # a pre-started shell of hers: it execs what we tell it
+                direct = spare[1]
+                direct.write(encode_header(argv, env))
+                self._direct_session(direct, user, pidfile)
+            else:
+                direct = await self._start_direct(user, argv, spec.tty, env, workdir,
+                                                  pidfile, spec.size)
             if direct is not None:
+                if usable:  # the next one's spare starts once this one is over
+                    direct.on_exit = lambda: background(self._replenish_direct(user))
                 return direct
         if self.spares is not None and self.spares.usable(user, spec.tty, workdir):
             spare = await self.spares.take(user)
@@ -265,10 +283,37 @@ class DockerBackend(Backend):
                 raise gone from exc
             raise BackendError("your session could not be started in your container; try "
                                "again", f"runc exec for {user}: {exc}", "exec-failed") from exc
+        return self._direct_session(proc, user, pidfile)
+
+    def _direct_session(self, proc: DirectProcess, user: str,
+                        pidfile: str | None) -> DirectProcess:
         proc.gone = lambda: self._gone_reason(user)
         if pidfile is not None:
             proc.kill_leftovers = lambda: self._kill_session(user, pidfile)
         return proc
+
+    async def _replenish_direct(self, user: str) -> None:
+        """A spare on the direct path: her shell, started through runc in her home, waiting
+        for one header line on stdin (spares.py) — a warm session then skips runc's start-up.
+        Best effort, never raises."""
+        ready = self._ready.get(user)
+        if user in self._direct_spares or ready is None or self.direct is None:
+            return
+        try:
+            proc = await self._start_direct(user, list(SPARE_ARGV), False, {},
+                                            f"/home/{user}", None, (80, 24))
+        except BackendError as exc:
+            log.debug("no direct spare for %s: %s", user, exc)
+            return
+        if proc is None:
+            return
+        old = self._direct_spares.pop(user, None)
+        if old is not None:
+            old[1].close()
+        if self._ready.get(user) != ready:
+            proc.close()
+            return
+        self._direct_spares[user] = (ready, proc)
 
     async def _identity(self, user: str,
                         ready: tuple[str, str]) -> tuple[Identity, dict[str, Any]]:
@@ -447,6 +492,8 @@ class DockerBackend(Backend):
         if self.spares is not None:
             self.spares.drop_all()
         if self.direct is not None:
+            for user in list(self._direct_spares):
+                self._direct_spares.pop(user)[1].close()
             self.direct.close()
         self.netns.close()
 
