@@ -268,6 +268,8 @@ class DockerBackend(Backend):
             return None
         try:
             who, base = await self._identity(user, ready)
+        except TimeoutError:  # the engine's (an OSError too): not a missing runc state
+            raise
         except (OSError, ValueError, KeyError, StopIteration) as exc:
             log.warning("container of %s: no runc state to start from (%r); this session "
                         "goes through the engine", user, exc)
