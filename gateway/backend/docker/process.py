@@ -122,6 +122,7 @@ class DockerProcess:
         self.on_exit: Callable[[], object] | None = None
         self._status: int | None = None
         self._hung_up = False
+        self._lost = False  # the engine stopped answering while this process ran
 
     def write(self, data: bytes) -> None:
         self.stream.write(data)
@@ -143,8 +144,9 @@ class DockerProcess:
         session's shell gets SIGHUP (bash passes it to its jobs), a command's input ends; what
         is still there after HANGUP_GRACE is killed (its process group too).  Processes the
         user detached (setsid, nohup, tmux, screen) are not in that group and survive."""
-        # a cut stream (the engine went away) says nothing of the process: it may still run
-        running = self._status is None and (self.stream.cut or not self.stream.at_eof())
+        # a stream cut by an engine gone away says nothing of the process: it may still run
+        lost = self._lost or self.stream.cut
+        running = self._status is None and (lost or not self.stream.at_eof())
         self.stream.close()
         if running and self._pidfile is not None and not self._hung_up:
             self._hung_up = True
@@ -212,6 +214,7 @@ class DockerProcess:
             try:
                 info = await self._docker.exec_inspect(self.exec_id)
             except EngineUnreachable as exc:
+                self._lost = True  # close() ends it once the engine answers again
                 raise BackendError(
                     "the connection to the container engine was lost, so this session ended;"
                     " your container and files are kept. Please log in again in a minute.",
