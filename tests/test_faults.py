@@ -19,6 +19,7 @@ import contextlib
 import hashlib
 import json
 import os
+import select
 import shlex
 import subprocess
 import time
@@ -26,6 +27,7 @@ import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
+from typing import IO
 
 import docker
 import pytest
@@ -39,6 +41,9 @@ BIG = 200 * MIB
 SFTP_LIMIT_KBIT = 40_000  # 5 MB/s
 RSYNC_LIMIT_KB = 5_000  # 5 MB/s
 TRANSFER_SERVERS = ("sftp-server", "rsync")
+# direct: sessions through runc, stdio the gateway's own pipes (the default where it can);
+# engine: through the engine's exec API, every byte relayed by dockerd
+PROCESS_PATHS = ("direct", "engine")
 
 
 # --- helpers -----------------------------------------------------------------------------------
@@ -124,10 +129,11 @@ def big_file(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
 
 # --- gateway faults: SIGKILL mid-upload --------------------------------------------------------
 
+@pytest.mark.parametrize("path", PROCESS_PATHS)
 @pytest.mark.parametrize("tool", ["sftp", "rsync"])
 def test_sigkill_mid_upload(make_gateway, docker_client: docker.DockerClient, tool: str,
-                            kept_files, big_file, tmp_path: Path) -> None:
-    gw = make_gateway()
+                            path: str, kept_files, big_file, tmp_path: Path) -> None:
+    gw = make_gateway(process_path=path)
     gw.start()
     user = "alice"
     kept, kept_sums = kept_files
@@ -276,9 +282,11 @@ def engine_proxy(tmp_path: Path) -> Iterator[SocketProxy]:
     proxy.close()
 
 
-def engine_gateway(make_gateway, proxy: SocketProxy) -> tuple[GatewayProc, int]:
+def engine_gateway(make_gateway, proxy: SocketProxy,
+                   **settings: object) -> tuple[GatewayProc, int]:
     metrics = free_port()
-    gw = make_gateway(docker_host=f"unix://{proxy.path}", metrics_listen=f"127.0.0.1:{metrics}")
+    gw = make_gateway(docker_host=f"unix://{proxy.path}", metrics_listen=f"127.0.0.1:{metrics}",
+                      **settings)
     return gw, metrics
 
 
@@ -309,10 +317,27 @@ def test_engine_down_at_start_then_up(make_gateway, engine_proxy: SocketProxy,
     assert "Traceback" not in log_text(gw)
 
 
-def test_engine_cut_under_open_session(make_gateway, engine_proxy: SocketProxy,
-                                       docker_client: docker.DockerClient) -> None:
+def read_until(pipe: IO[bytes], token: bytes, timeout: float) -> bytes:
+    """What a child's pipe gave until `token` came (or the deadline passed, or EOF)."""
+    got = b""
+    deadline = time.monotonic() + timeout
+    while token not in got and time.monotonic() < deadline:
+        ready, _, _ = select.select([pipe], [], [], max(0.0, deadline - time.monotonic()))
+        if not ready:
+            break
+        chunk = os.read(pipe.fileno(), 65536)
+        if not chunk:
+            break
+        got += chunk
+    return got
+
+
+def test_engine_cut_under_open_session_engine_path(make_gateway, engine_proxy: SocketProxy,
+                                                   docker_client: docker.DockerClient) -> None:
+    """Sessions relayed by the engine end with it, with a clear message; the gateway keeps
+    serving and recovers by itself."""
     engine_proxy.start()
-    gw, metrics = engine_gateway(make_gateway, engine_proxy)
+    gw, metrics = engine_gateway(make_gateway, engine_proxy, process_path="engine")
     gw.start()
     assert gw.ssh("alice", "true").returncode == 0
     name = gw.container_name("alice")
@@ -343,4 +368,37 @@ def test_engine_cut_under_open_session(make_gateway, engine_proxy: SocketProxy,
     # what the cut session left is ended once the engine answers again (as after a hang-up)
     assert wait_for(lambda: "sleep 3600" not in processes(docker_client, name), 120, 0.5), \
         processes(docker_client, name)
+    assert "Traceback" not in log_text(gw)
+
+
+def test_engine_cut_under_open_session_direct_path(make_gateway, engine_proxy: SocketProxy,
+                                                   docker_client: docker.DockerClient) -> None:
+    """Sessions through runc do not go through the engine: an open one goes on while the
+    engine is away (new logins are told to try again), and ends normally."""
+    engine_proxy.start()
+    gw, metrics = engine_gateway(make_gateway, engine_proxy, process_path="direct")
+    gw.start()
+    assert "sessions start through runc" in log_text(gw)
+    assert gw.ssh("alice", "true").returncode == 0
+    held = subprocess.Popen([*gw.ssh_args("alice"), "echo started; exec cat"],
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE)
+    try:
+        assert held.stdout is not None and held.stdin is not None
+        assert b"started\n" in read_until(held.stdout, b"started\n", 60)
+        engine_proxy.stop()
+        assert_try_again(gw)
+        assert healthz(metrics)[0] == 503
+        held.stdin.write(b"during-the-cut\n")
+        held.stdin.flush()
+        assert b"during-the-cut\n" in read_until(held.stdout, b"during-the-cut\n", 60)
+        held.stdin.close()
+        assert held.wait(60) == 0, held.stderr.read() if held.stderr else b""
+    finally:
+        if held.poll() is None:
+            held.kill()
+    engine_proxy.start()
+    r = gw.ssh("alice", "echo back")
+    assert r.returncode == 0 and r.stdout == b"back\n", r.stderr
+    assert wait_for(lambda: healthz(metrics)[0] == 200, 30)
     assert "Traceback" not in log_text(gw)
