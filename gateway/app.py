@@ -22,6 +22,7 @@ from .observe.audit import AuditLog
 from .observe.events import Events
 from .observe.metrics import Metrics, MetricsServer
 from .services.admin import AdminServer
+from .services.adopter import Adopter
 from .services.culler import IdleCuller
 from .services.registry import Registry
 from .services.reloader import UsersReloader
@@ -62,9 +63,10 @@ class App:
         self.guard = Guard.from_config(config, self.events)
         self.backend = backend or make_backend(config, self.events)
         self.registry = Registry()
+        self.adopter = Adopter(self.backend, self._current_users, self.registry.activity)
         self.ctx = SSHContext(config=config, backend=self.backend, events=self.events,
                               guard=self.guard, registry=self.registry,
-                              users=self._current_users)
+                              users=self._current_users, ready=self.adopter.ready)
         self.culler = IdleCuller(self.backend, self.registry.activity, self._current_users,
                                  config, self.events)
         self.reloader = UsersReloader(config.users_file, self._current_users,
@@ -109,28 +111,9 @@ class App:
         return MetricsServer(metrics, self.config.metrics_listen, ping=self.backend.health,
                              container_states=container_states, before_scrape=before_scrape)
 
-    async def adopt(self) -> None:
-        """Take over the environments a previous run left: never a second one per user.
-
-        Running ones keep running and their idle clock starts now; those of users who are no
-        longer allowed in are stopped (their data is kept).
-        """
-        for state in await self.backend.list_environments():
-            user = self.users.user(state.user)
-            if not state.running:
-                continue
-            if user is None or user.disabled:
-                log.info("stopping %s's environment: user no longer allowed", state.user)
-                await self.backend.stop(state.user)
-                continue
-            self.registry.activity.touch(state.user)
-            log.info("adopted running environment of %s (%s)", state.user,
-                     state.container_id[:12])
-            await self.backend.reap(state.user)  # before any new session can start
-
     async def start(self) -> None:
         keys = load_host_keys(self.config.state_dir)
-        await self.adopt()
+        await self.adopter.start()  # engine down: logged, retried, logins told to try again
         self.culler.start()
         self.reloader.start()
         await self.admin.start()
@@ -171,6 +154,7 @@ class App:
         """Stop accepting, tell open sessions, close them.  Environments keep running."""
         if self._server is not None:
             self._server.close()
+        await self.adopter.stop()
         await self.culler.stop()
         await self.reloader.stop()
         await self.admin.close()

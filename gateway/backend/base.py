@@ -171,6 +171,8 @@ class Backend(abc.ABC):
     """What the gateway needs from a container platform."""
 
     events: Events  # where it says what happened (container.start, .stop, ...)
+    # what an admin should do when the platform does not answer (logged at start)
+    outage_hint: str = "check that the container platform is up and reachable"
 
     @abc.abstractmethod
     async def ensure(self, user: str, limits: Limits,

@@ -13,15 +13,18 @@ Files are created mode 0600: they name users and their addresses.
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
 import sys
 import time
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import IO, Any
 
 from ..config import GatewayConfig
+from ..errors import os_reason
 from .events import Event
 
 log = logging.getLogger("dind_gateway.audit")
@@ -48,6 +51,8 @@ class AuditLog:
         self._peers: dict[Any, str] = {}
         self._users: dict[Any, str] = {}
         self._last_error = 0.0
+        self._dropped = 0  # events lost since the file last failed (0: not degraded)
+        self._degraded_at = 0.0
 
     @classmethod
     def from_config(cls, config: GatewayConfig) -> AuditLog | None:
@@ -105,17 +110,45 @@ class AuditLog:
         self._size = os.fstat(self._fd).st_size
 
     def _write(self, data: bytes) -> None:
-        try:
-            if self._fd is None:
-                self._open()
-            if self._size and self._size + len(data) > self.max_bytes:
-                self._rotate()
-            assert self._fd is not None
-            os.write(self._fd, data)
-            self._size += len(data)
+        gap = self._dropped
+        try:  # after a gap, its record and this event go in together, or neither
+            self._append(self._gap_record() + data if gap else data)
         except OSError as exc:
-            self._error(str(self.path), exc)
+            self._degrade(exc)
             self.close()  # reopen next time: the disk may have room again
+            return
+        if gap:
+            log.warning("audit log %s is written again; %d audit event(s) were lost while "
+                        "it could not be", self.path, gap)
+            self._dropped = 0
+
+    def _append(self, data: bytes) -> None:
+        """One whole line or nothing: a short write (a nearly full disk) is cut back off."""
+        if self._fd is None:
+            self._open()
+        if self._size and self._size + len(data) > self.max_bytes:
+            self._rotate()
+        assert self._fd is not None
+        written = os.write(self._fd, data)
+        if written < len(data):
+            os.ftruncate(self._fd, self._size)
+            raise OSError(errno.ENOSPC, f"short write ({written} of {len(data)} bytes)")
+        self._size += len(data)
+
+    def _degrade(self, exc: OSError) -> None:
+        """The first failure is logged once, as one warning; then events are only counted."""
+        if not self._dropped:
+            self._degraded_at = time.time()
+            log.warning("audit log degraded: cannot write %s (%s); audit events are dropped "
+                        "and counted until it can be written again; logins and sessions go "
+                        "on", self.path, os_reason(exc))
+        self._dropped += 1
+
+    def _gap_record(self) -> bytes:
+        """What the audit log itself says of a gap: when it began, how many events it lost."""
+        return (json.dumps({"time": _iso(time.time()), "event": "audit.recovered",
+                            "conn": None, "peer": None, "user": None, "dropped": self._dropped,
+                            "since": _iso(self._degraded_at)}) + "\n").encode()
 
     def _rotate(self) -> None:
         assert self.path is not None
@@ -135,3 +168,7 @@ class AuditLog:
         if now - self._last_error > _ERROR_LOG_INTERVAL:
             self._last_error = now
             log.error("cannot write the audit log (%s): %s", where, exc)
+
+
+def _iso(when: float) -> str:
+    return datetime.fromtimestamp(when, UTC).isoformat(timespec="milliseconds")

@@ -50,14 +50,24 @@ class IdleCuller:
             self._task.cancel()
 
     async def _loop(self) -> None:
+        failing = False  # a platform outage is one warning, not one per sweep
         while True:
             await asyncio.sleep(self.interval())
             try:
                 await self.sweep()
             except BackendError as exc:
-                log.warning("idle sweep failed: %s", exc)
+                if not failing:
+                    log.warning("idle sweep failed: %s (said once until a sweep works)", exc)
+                else:
+                    log.debug("idle sweep failed again: %s", exc)
+                failing = True
+                continue
             except Exception:  # noqa: BLE001 - the culler must outlive one bad sweep
                 log.exception("idle sweep failed")
+                continue
+            if failing:
+                log.info("idle sweeps work again")
+                failing = False
 
     async def sweep(self) -> list[str]:
         """One pass: stop what is idle; return the users whose environments were stopped."""

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -29,6 +29,9 @@ class SSHContext:
     guard: Guard
     registry: Registry
     users: Callable[[], UsersConfig]  # the current users file (replaced on reload)
+    # awaited before any environment is touched: raises (a GatewayError) while the gateway
+    # has not adopted what its previous run left (the platform did not answer at start)
+    ready: Callable[[], Awaitable[None]] | None = None
     certs: CertPolicy = field(init=False)  # trusted CAs and revoked_keys, from config
 
     def __post_init__(self) -> None:
@@ -36,6 +39,8 @@ class SSHContext:
 
     async def ensure(self, user: User, progress: Progress | None = None) -> EnvState:
         """The user's environment, started with her current limits if need be."""
+        if self.ready is not None:
+            await self.ready()
         return await self.backend.ensure(user.name, Limits.of(user), progress)
 
 

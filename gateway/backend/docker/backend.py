@@ -36,7 +36,7 @@ from ..base import (
 )
 from .direct import DirectExec, DirectProcess, Identity, RuncError
 from .disks import DiskError, Disks, share_permissions
-from .engine import DockerClient, DockerError
+from .engine import DockerClient, DockerError, EngineUnreachable
 from .process import HANGUP_GRACE, KILLER, LIVE, REAPER, DockerProcess, exec_argv
 from .registry import Mirror, RegistryOptions, preload
 from .security import PROFILES, host_config, limit_spec
@@ -101,6 +101,11 @@ class DockerBackend(Backend):
         # registry mirror and preloaded images (registry.py)
         self.registry = registry or RegistryOptions()
         self.mirror = Mirror(docker, self.registry)
+
+    @property
+    def outage_hint(self) -> str:  # type: ignore[override]
+        return (f"start the Docker engine (dockerd), or set docker_host in gateway.yaml to "
+                f"the socket it listens on (now unix://{self.docker.path})")
 
     # --- names ----------------------------------------------------------------------------
 
@@ -859,6 +864,8 @@ class DockerBackend(Backend):
         try:
             await self.docker.request("POST", f"/containers/{self.container_name(user)}/start",
                                       ok=(204, 304))
+        except EngineUnreachable:
+            raise  # its own words for her: an outage, try again later
         except DockerError as exc:
             raise BackendError(f"Your environment failed to start: {exc.message}",
                                reason="start-failed") from exc

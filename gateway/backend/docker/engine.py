@@ -35,6 +35,18 @@ class DockerError(BackendError):
         self.message = message
 
 
+class EngineUnreachable(DockerError):
+    """No connection to the engine (nothing listens, or it broke): an outage, not a refusal.
+
+    The user is told to come back later; the log gets the socket path and the OS's words."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(0, message)
+        self.user_message = ("your environment is unavailable right now (the server's "
+                             "container engine does not answer); please try again in a minute.")
+        self.reason = "engine-down"
+
+
 def socket_path(docker_host: str | None) -> str:
     """Resolve a `unix://` endpoint (or $DOCKER_HOST, or the default socket) to a path."""
     host = docker_host or os.environ.get("DOCKER_HOST") or "unix:///var/run/docker.sock"
@@ -61,6 +73,7 @@ class ExecStream:
         self._reader = reader
         self._writer = writer
         self.tty = tty
+        self.cut = False  # the connection broke (reset), rather than ended
         self._buf = bytearray()
 
     async def read(self) -> tuple[int, bytes]:
@@ -69,7 +82,7 @@ class ExecStream:
         Returns (0, b"") at end of stream.  With a TTY the output is unframed and all stdout.
         """
         if self.tty:
-            data = await self._reader.read(_READ_SIZE)
+            data = await self._recv()
             return (1, data) if data else (0, b"")
         # Framed: read in bulk and hand out runs of whole frames of the same stream at once
         # (fewer, larger channel writes than one read per 8-byte header and one per frame).
@@ -87,7 +100,7 @@ class ExecStream:
             if parts:
                 del buf[:pos]
                 return stream, parts[0] if len(parts) == 1 else b"".join(parts)
-            data = await self._reader.read(_READ_SIZE)
+            data = await self._recv()
             if not data:
                 if len(buf) > 8:  # a frame cut short by the engine: pass on what came
                     stream, rest = (buf[0] if buf[0] in (1, 2) else 1), bytes(buf[8:])
@@ -96,9 +109,18 @@ class ExecStream:
                 return 0, b""
             buf += data
 
+    async def _recv(self) -> bytes:
+        """The next bytes from the engine; b"" at the end, also when the connection was cut
+        (the engine went away: `DockerProcess.wait` then finds out and says so)."""
+        try:
+            return await self._reader.read(_READ_SIZE)
+        except ConnectionError:
+            self.cut = True
+            return b""
+
     def at_eof(self) -> bool:
         """The engine closed the stream and everything read has been handed out."""
-        return not self._buf and self._reader.at_eof()
+        return not self._buf and (self.cut or self._reader.at_eof())
 
     def write(self, data: bytes) -> None:
         if not self._writer.transport.is_closing():
@@ -132,7 +154,8 @@ class DockerClient:
         try:
             return await asyncio.open_unix_connection(self.path, limit=1024 * 1024)
         except OSError as exc:
-            raise DockerError(0, f"cannot reach the Docker engine at {self.path}: {exc}") from exc
+            raise EngineUnreachable(f"cannot reach the Docker engine at {self.path}: "
+                                    f"{exc}") from exc
 
     @staticmethod
     def _url(path: str, query: Mapping[str, Any] | None) -> str:
@@ -184,8 +207,11 @@ class DockerClient:
                       body: Any = None, ok: tuple[int, ...] = (200, 201, 204),
                       timeout: float | None = None) -> Any:
         """One API call; returns the decoded JSON (or text) body, raises DockerError otherwise."""
-        resp = await asyncio.wait_for(self._call(method, self._url(path, query), body),
-                                      timeout or self.timeout)
+        limit = timeout or self.timeout
+        try:
+            resp = await asyncio.wait_for(self._call(method, self._url(path, query), body), limit)
+        except TimeoutError as exc:
+            raise EngineUnreachable(f"{method} {path}: no answer within {limit:g} s") from exc
         if resp.status not in ok:
             try:
                 message = resp.json().get("message", resp.body.decode(errors="replace"))
@@ -205,7 +231,7 @@ class DockerClient:
             data = await self._read_body(reader, headers)
             return _Response(status, headers, data)
         except (asyncio.IncompleteReadError, ConnectionError) as exc:
-            raise DockerError(0, f"connection to the engine broke: {exc}") from exc
+            raise EngineUnreachable(f"connection to the engine broke: {exc}") from exc
         finally:
             writer.close()
 
@@ -254,7 +280,7 @@ class DockerClient:
             status, headers = await asyncio.wait_for(self._read_head(reader), self.timeout)
         except (asyncio.IncompleteReadError, ConnectionError) as exc:
             writer.close()
-            raise DockerError(0, f"exec start failed: {exc}") from exc
+            raise EngineUnreachable(f"exec start failed: {exc}") from exc
         if status not in (101, 200):
             body = await self._read_body(reader, headers)
             writer.close()

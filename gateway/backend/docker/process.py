@@ -16,12 +16,13 @@ from collections.abc import Awaitable, Callable
 
 from ...aio import background
 from ..base import BackendError, ProcessSpec
-from .engine import DockerClient, DockerError, ExecStream
+from .engine import DockerClient, DockerError, EngineUnreachable, ExecStream
 
 log = logging.getLogger("dind_gateway.backend")
 
 SFTP_SERVER = "/usr/libexec/sftp-server"
 HANGUP_GRACE = 5.0  # seconds between a client's disconnect and SIGKILL of what it left
+HANGUP_RETRY = 600.0  # how long a hang-up waits for an engine that does not answer
 PIDFILE_DIR = "/run/dgw-sessions"
 SIGNALS = {"ABRT", "ALRM", "FPE", "HUP", "ILL", "INT", "KILL", "PIPE", "QUIT", "SEGV", "TERM",
            "USR1", "USR2"}
@@ -121,6 +122,7 @@ class DockerProcess:
         self.on_exit: Callable[[], object] | None = None
         self._status: int | None = None
         self._hung_up = False
+        self._lost = False  # the engine stopped answering while this process ran
 
     def write(self, data: bytes) -> None:
         self.stream.write(data)
@@ -142,25 +144,48 @@ class DockerProcess:
         session's shell gets SIGHUP (bash passes it to its jobs), a command's input ends; what
         is still there after HANGUP_GRACE is killed (its process group too).  Processes the
         user detached (setsid, nohup, tmux, screen) are not in that group and survive."""
-        running = self._status is None and not self.stream.at_eof()
+        # a stream cut by an engine gone away says nothing of the process: it may still run
+        lost = self._lost or self.stream.cut
+        running = self._status is None and (lost or not self.stream.at_eof())
         self.stream.close()
         if running and self._pidfile is not None and not self._hung_up:
             self._hung_up = True
             background(self._hang_up())
 
     async def _hang_up(self) -> None:
-        try:
-            if self.stream.tty:
-                await self.signal("HUP")
-            await asyncio.sleep(HANGUP_GRACE)
-            if (await self._docker.exec_inspect(self.exec_id)).get("Running"):
-                await self._runner(self._user, [
-                    "sh", "-c", LIVE + f'p=$(live_ {self._pidfile}) && {{ kill -s KILL -- "-$p";'
-                    ' kill -s KILL "$p"; } 2>/dev/null; true'])
-                log.info("killed the leftover session process of %s after %.0f s", self._user,
-                         HANGUP_GRACE)
-        except DockerError as exc:
-            log.debug("hang-up of exec %s: %s", self.exec_id[:12], exc)
+        """SIGHUP (pty), then SIGKILL of what is left after the grace.  While the engine does
+        not answer (its socket was cut under this session) it is tried again until it does,
+        for up to HANGUP_RETRY seconds: the process outlived its session's stream."""
+        deadline = time.monotonic() + HANGUP_RETRY
+        delay = 1.0
+        while True:
+            try:
+                await self._end_leftover()
+                return
+            except EngineUnreachable as exc:
+                if time.monotonic() + delay > deadline:
+                    log.warning("could not end the leftover session process of %s: %s",
+                                self._user, exc)
+                    return
+                log.debug("hang-up of exec %s: %s; again in %.0f s", self.exec_id[:12], exc,
+                          delay)
+            except DockerError as exc:
+                log.debug("hang-up of exec %s: %s", self.exec_id[:12], exc)
+                return
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 30.0)
+
+    async def _end_leftover(self) -> None:
+        if (await self._docker.exec_inspect(self.exec_id)).get("Running") and self.stream.tty:
+            await self._runner(self._user, ["sh", "-c", LIVE + f'p=$(live_ {self._pidfile}) && '
+                                            'kill -s HUP "$p"'])
+        await asyncio.sleep(HANGUP_GRACE)
+        if (await self._docker.exec_inspect(self.exec_id)).get("Running"):
+            await self._runner(self._user, [
+                "sh", "-c", LIVE + f'p=$(live_ {self._pidfile}) && {{ kill -s KILL -- "-$p";'
+                ' kill -s KILL "$p"; } 2>/dev/null; true'])
+            log.info("killed the leftover session process of %s after %.0f s", self._user,
+                     HANGUP_GRACE)
 
     async def resize(self, rows: int, cols: int) -> None:
         try:
@@ -188,6 +213,13 @@ class DockerProcess:
         while True:
             try:
                 info = await self._docker.exec_inspect(self.exec_id)
+            except EngineUnreachable as exc:
+                self._lost = True  # close() ends it once the engine answers again
+                raise BackendError(
+                    "the connection to the container engine was lost, so this session ended;"
+                    " your container and files are kept. Please log in again in a minute.",
+                    f"exec {self.exec_id[:12]} of {self._user}: engine lost: {exc.message}",
+                    "engine-lost") from exc
             except DockerError as exc:
                 gone = await self._gone(self._user) if exc.status == 404 and self._gone else None
                 if gone is None:
