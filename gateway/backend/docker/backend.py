@@ -86,6 +86,7 @@ class DockerBackend(Backend):
         self.direct = direct
         self.spares = Spares(docker, self.container_name) if prestart and not direct else None
         self._who: dict[str, tuple[tuple[str, str], Identity, dict[str, Any]]] = {}
+        self._who_locks: dict[str, asyncio.Lock] = {}
         # one pre-started direct process per user (as spares.py, through runc)
         self._direct_spares: dict[str, tuple[tuple[str, str], DirectProcess]] = {}
         self.disks = Disks(disks_dir) if disks_dir is not None else None
@@ -330,6 +331,14 @@ class DockerBackend(Backend):
         known = self._who.get(user)
         if known is not None and known[0] == ready:
             return known[1], known[2]
+        async with self._who_locks.setdefault(user, asyncio.Lock()):  # one lookup at a time
+            known = self._who.get(user)
+            if known is not None and known[0] == ready:
+                return known[1], known[2]
+            return await self._look_up(user, ready)
+
+    async def _look_up(self, user: str,
+                       ready: tuple[str, str]) -> tuple[Identity, dict[str, Any]]:
         assert self.direct is not None
         base = await asyncio.to_thread(self.direct.base_process, ready[0])
         status, out = await collect(await self._fresh_exec(
