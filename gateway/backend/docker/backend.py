@@ -34,7 +34,7 @@ from ..base import (
     UnixListener,
     collect,
 )
-from .direct import DirectExec, DirectProcess, Identity, RuncError
+from .direct import DirectExec, DirectProcess, Identity
 from .disks import DiskError, Disks, share_permissions
 from .engine import DockerClient, DockerError, EngineUnreachable
 from .process import HANGUP_GRACE, KILLER, LIVE, REAPER, DockerProcess, exec_argv
@@ -285,12 +285,6 @@ class DockerBackend(Backend):
         except OSError as exc:
             raise BackendError("your session could not be started; please tell your admin",
                                f"runc exec for {user}: {exc}", "exec-failed") from exc
-        except RuncError as exc:
-            gone = await self._gone_reason(user)
-            if gone is not None:
-                raise gone from exc
-            raise BackendError("your session could not be started in your container; try "
-                               "again", f"runc exec for {user}: {exc}", "exec-failed") from exc
         return self._direct_session(proc, user, pidfile)
 
     def _direct_session(self, proc: DirectProcess, user: str,
@@ -510,7 +504,6 @@ class DockerBackend(Backend):
         if self.direct is not None:
             for user in list(self._direct_spares):
                 self._direct_spares.pop(user)[1].close()
-            self.direct.close()
         self.netns.close()
 
     async def stats(self, user: str) -> EnvStats:

@@ -9,9 +9,10 @@ container's namespaces, cgroup, capability sets, seccomp filter, AppArmor profil
 no_new_privs and rlimits from its config — and the user the gateway names (her uid, gid and
 the container's extra groups, resolved as the engine does).
 
-Her process's stdio are then the gateway's own pipe ends, or the pty runc makes in her
-container and hands over on a console socket; runc stays as its parent only to pass on
-signals and report the exit status.  Nothing else copies a byte.  A non-terminal process gets
+Her process's stdio are then the gateway's own pipe ends; runc stays as its parent only to
+pass on signals and report the exit status, and nothing copies a byte.  A pty session is the
+exception: runc's terminal in her container, which runc (attached: its console socket is for
+detached runs only) copies to and from a pty pair of the gateway's.  A non-terminal process gets
 the pipes as fds 3, 4, 5 (`--preserve-fds`) and a one-line `sh` moves them onto 0, 1, 2, so
 runc's own stdio (its relay) carry nothing; runc's stderr is kept for its own errors.
 
@@ -63,10 +64,6 @@ class Identity:
     groups: tuple[int, ...]
 
 
-class RuncError(Exception):
-    """runc could not start the process (its own error text)."""
-
-
 class DirectExec:
     """Starts processes in the engine's containers through runc (see the module docstring)."""
 
@@ -87,9 +84,6 @@ class DirectExec:
         return bool(container_id) and os.path.isfile(
             os.path.join(self.root, container_id, "state.json"))
 
-    def close(self) -> None:
-        """Nothing to release (kept for the backend's close)."""
-
     def base_process(self, container_id: str) -> dict[str, Any]:
         """The container's own OCI process (capabilities, AppArmor profile, no_new_privs,
         rlimits, environment), from the bundle the engine made: what a `docker exec` starts
@@ -102,7 +96,7 @@ class DirectExec:
     async def start(self, container_id: str, base: dict[str, Any], who: Identity,
                     argv: list[str], env: dict[str, str], workdir: str, tty: bool,
                     size: tuple[int, int] = (80, 24)) -> DirectProcess:
-        """Her process, running (or failing in runc, reported by `DirectProcess.wait`).
+        """Her process, running (runc's own failures are reported by `DirectProcess.wait`).
 
         Its spec is the container's process with what `docker exec -u USER` replaces: the
         arguments, the environment (hers over the container's), the directory, the terminal
@@ -303,7 +297,7 @@ class DirectProcess:
             if self._open <= 0:
                 if self._master >= 0:  # Linux may hang up before the last output arrives
                     await asyncio.shield(self._exited)
-                    rest = _read_all(self._master, keep_open=True)
+                    rest = _read_all(self._master)
                     if rest:
                         return 1, rest
                 return 0, b""
@@ -439,7 +433,7 @@ class DirectProcess:
                          self.pid, HANGUP_GRACE)
 
 
-def _read_all(fd: int, keep_open: bool = False) -> bytes:
+def _read_all(fd: int) -> bytes:
     """What a pipe or pty holds now, without waiting (EIO, EAGAIN: nothing more)."""
     out = bytearray()
     with contextlib.suppress(OSError):
@@ -449,7 +443,4 @@ def _read_all(fd: int, keep_open: bool = False) -> bytes:
             if not chunk:
                 break
             out += chunk
-    if not keep_open:
-        with contextlib.suppress(OSError):
-            os.close(fd)
     return bytes(out)
