@@ -28,6 +28,7 @@ def _send(port: int, data: bytes) -> None:
     with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
         s.settimeout(2)
         s.sendall(b"SSH-2.0-fuzz_1.0\r\n" + data)
+        s.shutdown(socket.SHUT_WR)  # EOF: the gateway must not wait on a length that lied
         try:
             while s.recv(65536):  # until the gateway hangs up or goes quiet
                 pass
