@@ -16,7 +16,7 @@ import time
 import traceback
 from pathlib import Path
 
-from . import measure
+from . import chart, measure
 from .measure import FULL, QUICK, STAGES, Plan, say
 from .report import MIB, Results, kept_section, machine, markdown, text_table
 from .rig import ROOT, BenchError, Rig, tail
@@ -185,7 +185,11 @@ def main(argv: list[str] | None = None) -> int:
     say(f"total {elapsed:.0f} s")
     if status == 0 and out is not None:
         out.parent.mkdir(parents=True, exist_ok=True)
-        text = markdown(res, plan.describe(), mach, elapsed, kept_section(out))
+        text = markdown(res, plan.describe(), mach, elapsed, kept_section(out),
+                        out.with_suffix(".png").name)
         out.write_text(text)
         say(f"wrote {out}")
+        png = chart.redraw(out)
+        say(f"wrote {png}" if png else "no chart: matplotlib is not installed "
+            "(pip install -e '.[bench]')")
     return status

@@ -254,7 +254,7 @@ PROFILE_HEADING = "## Profile notes"
 
 
 def markdown(res: Results, plan_text: str, mach: list[tuple[str, str]], elapsed: float,
-             keep_from: str | None) -> str:
+             keep_from: str | None, chart_name: str = "benchmarks.png") -> str:
     now = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
     out = [
         "# Benchmarks",
@@ -264,6 +264,8 @@ def markdown(res: Results, plan_text: str, mach: list[tuple[str, str]], elapsed:
         "Everything below the \"Profile notes\" heading is kept across runs.",
         "",
         f"Run: {now}, {plan_text}, {elapsed / 60:.1f} min.",
+        "",
+        f"![each target's ratio against its goal (bench/chart.py)]({chart_name})",
         "",
         "## Machine",
         "",
