@@ -6,6 +6,7 @@ Nothing here skips when Docker is missing: a test run without an engine fails lo
 from __future__ import annotations
 
 import contextlib
+import ipaddress
 import os
 import secrets
 import socket
@@ -75,6 +76,20 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session", autouse=True)
+def host_firewall_left_as_found() -> Iterator[None]:
+    """Gateways started by tests add their INPUT rules (docker/firewall.py, kept when a gateway
+    stops, as in production); the run takes them out again unless the host had the chain
+    before it (a real gateway on this machine: its rules are not ours to touch)."""
+    from gateway.backend.docker.firewall import CHAIN, HostFirewall, pools_in_chain
+    fw = HostFirewall(ipaddress.IPv4Network("10.213.0.0/16"))
+    had_chain = bool(fw.iptables) and fw._run("-n", "-L", CHAIN).returncode == 0
+    yield
+    if fw.iptables and not had_chain:
+        for pool in pools_in_chain(fw):
+            HostFirewall(pool, fw.iptables).remove()
 
 
 @pytest.fixture(scope="session")

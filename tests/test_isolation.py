@@ -11,6 +11,8 @@ from __future__ import annotations
 import os
 import re
 import secrets
+import socket
+import threading
 from pathlib import Path
 
 import asyncssh
@@ -152,6 +154,42 @@ def test_engine_gateway_and_bob_are_out_of_reach(iso: GatewayProc,
                 f"http://{gateway_ip}:2375/", f"http://{bob_ip}:22/"):
         code, out = run(iso, f"curl -s -o /dev/null --max-time 3 {url}; echo rc=$?")
         assert out.strip() != "rc=0", (url, out)
+
+
+def test_host_services_on_all_addresses_are_out_of_reach(
+        iso: GatewayProc, docker_client: docker.DockerClient) -> None:
+    """A host service bound to 0.0.0.0 (a database, the host's own sshd) is not hers to reach
+    through her network's gateway address: the gateway's host firewall drops new connections
+    from the user network pool to the host."""
+    alice = docker_client.containers.get(iso.container_name("alice"))
+    gateway_ip = next(iter(alice.attrs["NetworkSettings"]["Networks"].values()))["Gateway"]
+    accepted: list[tuple[str, int]] = []
+    with socket.create_server(("0.0.0.0", 0)) as srv:
+        port = srv.getsockname()[1]
+        srv.settimeout(0.2)
+
+        def serve() -> None:
+            while True:
+                try:
+                    conn, peer = srv.accept()
+                except TimeoutError:
+                    continue
+                except OSError:
+                    return
+                accepted.append(peer)
+                conn.close()
+
+        t = threading.Thread(target=serve, daemon=True)
+        t.start()
+        with socket.create_connection((gateway_ip, port), timeout=3):  # the host itself can
+            pass
+        assert wait_for(lambda: len(accepted) == 1, 5), accepted
+        code, out = run(iso, f"curl -s -o /dev/null --max-time 3 http://{gateway_ip}:{port}/; "
+                             "echo rc=$?")
+        srv.close()
+    t.join(5)
+    assert len(accepted) == 1, f"alice reached a host service on 0.0.0.0: {accepted}"
+    assert out.strip() == "rc=28", out  # dropped (a timeout), not refused or answered
 
 
 def test_fork_bomb_and_memory_hog_stay_in_her_caps(iso: GatewayProc) -> None:

@@ -452,6 +452,7 @@ _GATEWAY_SPEC: dict[str, Converter] = {
     "allow_agent_forwarding": _boolean,
     "allow_remote_forwarding": _boolean,
     "user_network_pool": _parsed(_network_pool, what="an IPv4 network"),
+    "host_firewall": _boolean,
     "registry_mirror": _parsed(_registry_url, what="a URL", nullable=True),
     "insecure_registries": _string_list(_registry_host, "registry host[:port] names"),
     "preload_images": _string_list(_image_ref, "image references"),
@@ -511,6 +512,7 @@ class GatewayConfig:
     allow_agent_forwarding: bool  # ssh -A: the client's agent as a socket in her container
     allow_remote_forwarding: bool  # ssh -R: listeners on her container's loopback
     user_network_pool: ipaddress.IPv4Network  # carved into one /28 per user network
+    host_firewall: bool  # drop new connections from that pool to the host (docker/firewall.py)
     # every inner daemon's registry-mirrors (a container's name as host: that container is
     # attached to each user network and reached at an address of hers) ...
     registry_mirror: str | None
@@ -597,6 +599,7 @@ _GATEWAY_DEFAULTS: dict[str, Any] = {
     "allow_agent_forwarding": True,
     "allow_remote_forwarding": True,
     "user_network_pool": "10.213.0.0/16",
+    "host_firewall": True,
     "registry_mirror": None,
     "insecure_registries": [],
     "preload_images": [],

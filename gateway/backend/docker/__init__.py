@@ -6,6 +6,8 @@ from typing import Any
 from .backend import LABEL_INSTANCE, LABEL_MANAGED, LABEL_OWNER, DockerBackend
 from .direct import RUNC_ROOT, DirectExec
 from .engine import DockerClient, DockerError
+from .firewall import CHAIN as FIREWALL_CHAIN
+from .firewall import HostFirewall
 from .registry import RegistryOptions
 from .security import PROFILES, ROOT_EQUIVALENT, check_host
 
@@ -23,6 +25,15 @@ def from_config(config: Any, events: Any) -> DockerBackend:
         log.warning("security_profile %s: users are root-equivalent on the host: for trusted "
                     "teams only (docs/security.md); the default 'rootless' is not", profile)
     check_host(profile)
+    if config.host_firewall:
+        why_not = HostFirewall(config.user_network_pool).install()
+        if why_not:
+            log.warning("host_firewall: not in place (%s): host services bound to all "
+                        "addresses are reachable from user networks; bind them to loopback "
+                        "or filter INPUT from %s", why_not, config.user_network_pool)
+        else:
+            log.info("host_firewall: new connections from %s to this host are dropped "
+                     "(iptables chain %s)", config.user_network_pool, FIREWALL_CHAIN)
     direct = None
     if config.process_path == "engine":
         log.info("sessions start through the engine's exec API (process_path: engine)")
