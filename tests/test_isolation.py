@@ -192,6 +192,13 @@ def test_host_services_on_all_addresses_are_out_of_reach(
     assert out.strip() == "rc=28", out  # dropped (a timeout), not refused or answered
 
 
+def test_nproc_tells_her_cpu_cap(iso: GatewayProc) -> None:
+    # alice has cpus: 1 on a host with more; `make -j$(nproc)` must not size itself to the host
+    assert os.cpu_count() and os.cpu_count() > 1
+    code, out = run(iso, "nproc; bash -lc nproc")
+    assert (code, out.split()) == (0, ["1", "1"]), out
+
+
 def test_fork_bomb_and_memory_hog_stay_in_her_caps(iso: GatewayProc) -> None:
     code, out = run(iso, "python3 -c '\n"
                          "import os, time\n"

@@ -2,12 +2,15 @@
 
 sshd's rules, as users expect them: a forced command (`command=` in the key) replaces what
 the client asked for and gets `SSH_ORIGINAL_COMMAND`; `exec` runs through the user's shell;
-`shell` is her login shell; the environment is the client's accepted variables, the key's
-`environment=`, then what the gateway and the backend set (those always win).
+`shell` is her login shell; the environment is the client's accepted variables,
+`OMP_NUM_THREADS` from her CPU cap (coreutils' `nproc` reads it: the host's CPU count is not
+what she can use), the key's `environment=`, then what the gateway and the backend set (those
+always win).
 """
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -54,6 +57,8 @@ def program(request: SessionRequest, principal: Principal,
     """The process for this session in the user's environment."""
     user, key = principal.user, principal.key
     env = {k: v for k, v in (request.client_env or {}).items() if ENV_ALLOWED.fullmatch(k)}
+    if user.cpus is not None:  # `nproc` (and OpenMP) then size themselves to her CPU cap
+        env["OMP_NUM_THREADS"] = str(max(1, math.ceil(user.cpus)))
     if key is not None:
         env.update(key.environment)
     env.update(backend_env)
