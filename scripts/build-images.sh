@@ -33,7 +33,7 @@ BASE_PACKAGES=(
     docker.io iptables ca-certificates pigz xz-utils netbase kmod iproute2
     # what an SSH user expects in their box
     procps bash bash-completion git openssh-sftp-server openssh-client rsync curl sudo less
-    nano tini
+    nano tini tmux
     # python, also for the gateway's own image
     python3 python3-venv python3-pip
     # rootless inner dockerd (the default `rootless` profile): user namespaces via

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import os
+import shutil
 import socket
 import subprocess
 import threading
@@ -303,7 +304,8 @@ def test_forwards_reach_her_loopback(live: InProcessGateway) -> None:
 
 def test_client_gone_ends_its_session(live: InProcessGateway) -> None:
     """kill -9 of the client: its pty shell's foreground job and a command session are gone
-    within the grace period; processes she detached (setsid, nohup) survive, as under sshd."""
+    within the grace period; processes she detached (setsid, nohup, a tmux session) survive, as
+    under sshd.  tmux is in the DinD image; the fake backend has it only if this host has."""
     import random
     import signal
 
@@ -312,22 +314,29 @@ def test_client_gone_ends_its_session(live: InProcessGateway) -> None:
     def alive(k: int) -> bool:  # "slee[p]" does not match the pgrep's own command line
         return live.ssh("alice", f"pgrep -f 'slee[p] {k}$' >/dev/null").returncode == 0
 
+    tmux = live.kind != "fake" or shutil.which("tmux") is not None
+    detached = [n + 1, n + 2] + ([n + 4] if tmux else [])
     child = pexpect.spawn(" ".join(live.ssh_args("alice", None, "-tt")), timeout=60)
     client = subprocess.Popen(live.ssh_args("alice") + [f"sleep {n + 3}"],
                               stdin=subprocess.PIPE)
     try:
-        child.sendline(f"setsid sleep {n + 1} </dev/null >/dev/null 2>&1 & "
+        child.sendline((f"tmux new-session -d -s dgw{n} 'sleep {n + 4}'; " if tmux else "") +
+                       f"setsid sleep {n + 1} </dev/null >/dev/null 2>&1 & "
                        f"nohup sleep {n + 2} >/dev/null 2>&1 & sleep {n}")
-        assert wait_for(lambda: all(alive(n + i) for i in range(4)), 60)
+        assert wait_for(lambda: all(alive(k) for k in [n, n + 3, *detached]), 60)
         os.kill(child.pid, signal.SIGKILL)
         client.kill()
         assert wait_for(lambda: not alive(n) and not alive(n + 3), 30), "session outlived client"
-        assert alive(n + 1) and alive(n + 2)
+        assert [k for k in detached if not alive(k)] == []
+        if tmux:
+            r = live.ssh("alice", f"tmux has-session -t dgw{n}")
+            assert r.returncode == 0, r.stderr
     finally:
         child.close(force=True)
         client.wait(10)
-        live.ssh("alice", f"pkill -f 'slee[p] {n}' ; pkill -f 'slee[p] {n + 1}$'; "
-                          f"pkill -f 'slee[p] {n + 2}$'; true")
+        live.ssh("alice", (f"tmux kill-session -t dgw{n} 2>/dev/null; " if tmux else "") +
+                 f"pkill -f 'slee[p] {n}' ; pkill -f 'slee[p] {n + 1}$'; "
+                 f"pkill -f 'slee[p] {n + 2}$'; true")
 
 
 def test_remote_forward_reaches_the_client_from_inside(live: InProcessGateway) -> None:
