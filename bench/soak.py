@@ -65,6 +65,35 @@ def fd_count(pid: int) -> int:
     return len(os.listdir(f"/proc/{pid}/fd"))
 
 
+def fd_kinds(pid: int) -> dict[str, int]:
+    """Open fds of a process by kind (socket, pipe, anon_inode:[eventpoll], /path…)."""
+    out: dict[str, int] = {}
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            target = os.readlink(f"/proc/{pid}/fd/{fd}")
+        except OSError:
+            continue
+        kind = target.split(":[")[0] if target.startswith(("socket:", "pipe:")) else target
+        out[kind] = out.get(kind, 0) + 1
+    return out
+
+
+def children_of(pid: int) -> dict[str, int]:
+    """The direct children of a process, counted by command name."""
+    out: dict[str, int] = {}
+    for d in os.listdir("/proc"):
+        if not d.isdigit():
+            continue
+        try:
+            head, rest = Path(f"/proc/{d}/stat").read_text().rsplit(")", 1)
+        except OSError:
+            continue
+        if int(rest.split()[1]) == pid:
+            comm = head.split("(", 1)[1]
+            out[comm] = out.get(comm, 0) + 1
+    return out
+
+
 @dataclass
 class Sample:
     """One reading of the gateway process."""
@@ -73,6 +102,8 @@ class Sample:
     iterations: int
     rss: int  # bytes
     fds: int
+    kinds: dict[str, int] = field(default_factory=dict)
+    children: dict[str, int] = field(default_factory=dict)  # comm -> count, direct children
 
 
 @dataclass
@@ -165,7 +196,8 @@ class Soak:
             await self.parked.wait()
         await asyncio.sleep(1.0)  # closes the gateway sees after the client is gone
         pid = self.rig.gateway_pid()
-        s = Sample(round(time.monotonic() - t0, 1), self.iterations, rss_of(pid), fd_count(pid))
+        s = Sample(round(time.monotonic() - t0, 1), self.iterations, rss_of(pid), fd_count(pid),
+                   fd_kinds(pid), children_of(pid))
         self.samples.append(s)
         self.running.set()
         return s
