@@ -206,6 +206,16 @@ class Soak:
     parked: asyncio.Event = field(default_factory=asyncio.Event)  # a worker parked or ended
 
 
+def slope(xs: list[float], ys: list[int]) -> float:
+    """Least-squares slope of ys over xs (0 with fewer than two points)."""
+    n = len(xs)
+    if n < 2:
+        return 0.0
+    mx, my = sum(xs) / n, sum(ys) / n
+    var = sum((x - mx) ** 2 for x in xs)
+    return sum((x - mx) * (y - my) for x, y in zip(xs, ys, strict=True)) / var if var else 0.0
+
+
 def summarise(samples: list[Sample], minutes: float) -> dict[str, object]:
     """First warm sample vs last and max, for RSS and fds; the verdict."""
     warm_from = minutes * 60 * WARMUP
@@ -220,24 +230,30 @@ def summarise(samples: list[Sample], minutes: float) -> dict[str, object]:
         flat = growth_last <= TOLERANCE and growth_max <= TOLERANCE
         ok = ok and flat
         out[key] = {"first": first, "last": last, "max": top, "min": min(vals),
-                    "growth_last": growth_last, "growth_max": growth_max, "flat": flat}
+                    "growth_last": growth_last, "growth_max": growth_max, "flat": flat,
+                    "slope_per_hour": slope([s.t for s in warm], vals) * 3600}
     out["pass"] = ok
     return out
 
 
 def table(summary: dict[str, object], iterations: int, errors: int) -> str:
     """The report as a markdown table plus the verdict line."""
-    rows = ["| metric | first warm | last | max | last vs first | max vs first |",
-            "| --- | ---: | ---: | ---: | ---: | ---: |"]
+    rows = ["| metric | first warm | last | min | max | last vs first | max vs first "
+            "| trend (least squares) |",
+            "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for key, name, scale, unit in (("rss", "gateway VmRSS", 1 << 20, " MiB"),
                                    ("fds", "gateway open fds", 1, "")):
         m = summary[key]
         assert isinstance(m, dict)
+
         def fmt(v: int, scale: int = scale, unit: str = unit) -> str:
             return f"{v / scale:.1f}{unit}" if scale > 1 else f"{v}"
 
-        rows.append(f"| {name} | {fmt(m['first'])} | {fmt(m['last'])} | {fmt(m['max'])} | "
-                    f"{m['growth_last']:+.1%} | {m['growth_max']:+.1%} |")
+        trend = (f"{m['slope_per_hour'] / scale:+.2f}{unit}/h" if scale > 1
+                 else f"{m['slope_per_hour']:+.1f}/h")
+        rows.append(f"| {name} | {fmt(m['first'])} | {fmt(m['last'])} | {fmt(m['min'])} | "
+                    f"{fmt(m['max'])} | {m['growth_last']:+.1%} | {m['growth_max']:+.1%} | "
+                    f"{trend} |")
     verdict = "PASS" if summary["pass"] else "FAIL"
     rows.append("")
     rows.append(f"{verdict}: RSS and fd count flat within {TOLERANCE:.0%} after the "
@@ -299,7 +315,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--image", default="dind-gateway/dind:latest")
     p.add_argument("--profile", default="hardened", choices=["hardened", "rootless"])
     p.add_argument("--json", type=Path, help="write samples and summary here")
+    p.add_argument("--summarise", type=Path, metavar="JSON",
+                   help="no run: print the table again for an earlier run's --json file")
     args = p.parse_args(argv)
+    if args.summarise:
+        old = json.loads(args.summarise.read_text())
+        samples = [Sample(**s) for s in old["samples"]]
+        summary = summarise(samples, old["minutes"])
+        print(table(summary, old["iterations"], len(old["errors"])))
+        return 0 if summary["pass"] else 2
     signal.signal(signal.SIGTERM, _interrupt)
     rig = Rig(image=args.image, users=[USER], security_profile=args.profile)
     started = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
