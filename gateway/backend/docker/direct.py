@@ -266,15 +266,20 @@ class DirectProcess:
         """runc's own stderr: empty unless runc itself failed."""
         loop = asyncio.get_running_loop()
         reader = asyncio.StreamReader()
+        transport = None
         try:
-            await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader),
-                                         os.fdopen(fd, "rb", buffering=0))
+            transport, _ = await loop.connect_read_pipe(
+                lambda: asyncio.StreamReaderProtocol(reader), os.fdopen(fd, "rb", buffering=0))
             while len(self._log) < 16384:
                 data = await reader.read(4096)
                 if not data:
                     break
                 self._log += data
         finally:
+            # uvloop keeps a read pipe open after EOF (StreamReaderProtocol asks it to): closed
+            # here, not whenever the garbage collector gets to it (the soak run's fd sawtooth)
+            if transport is not None:
+                transport.close()
             self._log_done.set()
 
     # --- output -----------------------------------------------------------------------------
