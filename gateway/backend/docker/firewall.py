@@ -47,11 +47,14 @@ class HostFirewall:
         return subprocess.run([self.iptables, "-w", *args], capture_output=True, text=True,
                               timeout=30, check=False)
 
+    def chain_exists(self) -> bool:
+        return bool(self.iptables) and self._run("-n", "-L", CHAIN).returncode == 0
+
     def install(self) -> str | None:
         """Put the rules in place; None when done, else why not (for the start-up log)."""
         if not self.iptables:
             return "iptables is not installed"
-        if self._run("-n", "-L", CHAIN).returncode != 0:
+        if not self.chain_exists():
             r = self._run("-N", CHAIN)
             if r.returncode != 0 and "exists" not in r.stderr:
                 return f"iptables -N {CHAIN}: {r.stderr.strip()}"
