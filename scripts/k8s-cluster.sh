@@ -156,7 +156,7 @@ status() {
 }
 
 down() {
-  docker rm -f "$name" >/dev/null 2>&1 || :
+  docker rm -f -v "$name" >/dev/null 2>&1 || :
   docker volume rm -f "$name" >/dev/null 2>&1 || :
   docker network rm "$name" >/dev/null 2>&1 || :
   rm -f "$kubeconfig"
