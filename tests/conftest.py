@@ -83,12 +83,12 @@ def host_firewall_left_as_found() -> Iterator[None]:
     """Gateways started by tests add their INPUT rules (docker/firewall.py, kept when a gateway
     stops, as in production); the run takes them out again unless the host had the chain
     before it (a real gateway on this machine: its rules are not ours to touch)."""
-    from gateway.backend.docker.firewall import HostFirewall, pools_in_chain
+    from gateway.backend.docker.firewall import HostFirewall
     fw = HostFirewall(ipaddress.IPv4Network("10.213.0.0/16"))
     had_chain = fw.chain_exists()
     yield
     if fw.iptables and not had_chain:
-        for pool in pools_in_chain(fw):
+        for pool in fw.pools():
             HostFirewall(pool, fw.iptables).remove()
 
 

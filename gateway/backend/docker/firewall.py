@@ -17,11 +17,8 @@ and kept when the gateway stops: her container outlives a gateway restart and st
 from __future__ import annotations
 
 import ipaddress
-import logging
 import shutil
 import subprocess
-
-log = logging.getLogger("dind_gateway.firewall")
 
 CHAIN = "DGW-INPUT"
 
@@ -50,6 +47,13 @@ class HostFirewall:
     def chain_exists(self) -> bool:
         return bool(self.iptables) and self._run("-n", "-L", CHAIN).returncode == 0
 
+    def pools(self) -> list[ipaddress.IPv4Network]:
+        """Every pool whose rules are in the chain now, this one or not (from their comments)."""
+        listing = self._run("-S", CHAIN).stdout if self.iptables else ""
+        found = {m for line in listing.splitlines() for m in line.split('"')
+                 if m.startswith("dind-gateway ")}
+        return [ipaddress.IPv4Network(m.split()[1]) for m in sorted(found)]
+
     def install(self) -> str | None:
         """Put the rules in place; None when done, else why not (for the start-up log)."""
         if not self.iptables:
@@ -69,11 +73,6 @@ class HostFirewall:
                     return f"iptables -A {CHAIN}: {r.stderr.strip()}"
         return None
 
-    def installed(self) -> bool:
-        """Every rule of this pool is in place (and the chain is jumped to)."""
-        return bool(self.iptables) and self._run("-C", "INPUT", "-j", CHAIN).returncode == 0 \
-            and all(self._run("-C", CHAIN, *r).returncode == 0 for r in _rules(self.pool))
-
     def remove(self) -> None:
         """Take this pool's rules out; the chain and its jump too once it is empty."""
         if not self.iptables:
@@ -87,10 +86,3 @@ class HostFirewall:
                 pass
             self._run("-X", CHAIN)
 
-
-def pools_in_chain(fw: HostFirewall) -> list[ipaddress.IPv4Network]:
-    """The pools whose rules are in the chain now (from their comments)."""
-    listing = fw._run("-S", CHAIN).stdout if fw.iptables else ""
-    found = {m for line in listing.splitlines() for m in line.split('"')
-             if m.startswith("dind-gateway ")}
-    return [ipaddress.IPv4Network(m.split()[1]) for m in sorted(found)]
