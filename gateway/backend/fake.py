@@ -25,6 +25,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..aio import FdWriter
 from ..errors import os_reason
 from ..observe.events import Events
 from .base import (
@@ -53,6 +54,27 @@ class _Env:
     processes: set[asyncio.subprocess.Process] = field(default_factory=set)
 
 
+class _PtyOutput(asyncio.Protocol):
+    """The pty master's output straight into the process's queue.  Not a StreamReader: its
+    read() raises a pending EIO before returning what it still buffers, and a short command
+    (`ssh -tt devbox tty`) has often written and exited before the first read, so its whole
+    output was lost (under load, in one run of three)."""
+
+    def __init__(self, out: asyncio.Queue[tuple[int, bytes]]) -> None:
+        self.out = out
+        self.ended = asyncio.get_running_loop().create_future()
+
+    def data_received(self, data: bytes) -> None:
+        self.out.put_nowait((1, data))
+
+    def eof_received(self) -> bool:
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:  # EIO: the pty's end
+        if not self.ended.done():
+            self.ended.set_result(None)
+
+
 class FakeProcess:
     """`Process` over a local child: pipes, or a pty when a terminal was asked for."""
 
@@ -61,7 +83,9 @@ class FakeProcess:
         self._master = master
         self._out: asyncio.Queue[tuple[int, bytes]] = asyncio.Queue()
         self._open = 2 if master is None else 1
-        self._pty_writer: asyncio.StreamWriter | None = None
+        # the pty's input: not loop.connect_write_pipe (uvloop reads a write pipe to notice
+        # its peer closing, which on a pty master throws the terminal's output away)
+        self._pty_writer: FdWriter | None = None
         self._pty_reader: asyncio.BaseTransport | None = None
         self._foreground: int | None = None  # the pty's foreground group when we hung up
         self._tasks = [asyncio.ensure_future(self._pump(1, proc.stdout))] if master is None \
@@ -72,63 +96,65 @@ class FakeProcess:
     @classmethod
     async def open_pty(cls, proc: asyncio.subprocess.Process, master: int) -> FakeProcess:
         self = cls(proc, master)
-        loop = asyncio.get_running_loop()
-        reader = asyncio.StreamReader()
-        self._pty_reader, _ = await loop.connect_read_pipe(
-            lambda: asyncio.StreamReaderProtocol(reader),
-            os.fdopen(os.dup(master), "rb", buffering=0))
-        transport, protocol = await loop.connect_write_pipe(
-            asyncio.streams.FlowControlMixin, os.fdopen(os.dup(master), "wb", buffering=0))
-        self._pty_writer = asyncio.StreamWriter(transport, protocol, None, loop)
-        self._tasks.append(asyncio.ensure_future(self._pump(1, reader)))
+        output = _PtyOutput(self._out)
+        self._pty_reader, _ = await asyncio.get_running_loop().connect_read_pipe(
+            lambda: output, os.fdopen(os.dup(master), "rb", buffering=0))
+        self._pty_writer = FdWriter(os.dup(master))
+        self._tasks.append(asyncio.ensure_future(self._pty_ended(output)))
         return self
 
     async def _pump(self, stream: int, reader: asyncio.StreamReader | None) -> None:
         try:
             while reader is not None:
-                try:
-                    data = await reader.read(_READ)
-                except OSError:  # EIO: the pty's last user closed it
-                    data = b""
+                data = await reader.read(_READ)
                 if not data:
                     break
                 await self._out.put((stream, data))
-            if self._master is not None and self._master >= 0:
-                # Linux may report the hang-up before the last output reached the master:
-                # once the child is gone, read what is left
-                await self._proc.wait()
-                while self._master >= 0:
-                    try:
-                        data = os.read(self._master, _READ)
-                    except OSError:  # EIO (nothing left) or EAGAIN
-                        break
-                    if not data:
-                        break
-                    await self._out.put((stream, data))
         finally:
             await self._out.put((0, b""))
 
-    def _writer(self) -> asyncio.StreamWriter | None:
-        return self._pty_writer if self._master is not None else self._proc.stdin
+    async def _pty_ended(self, output: _PtyOutput) -> None:
+        try:
+            await output.ended
+            # Linux may report the hang-up before the last output reached the master: once
+            # the child is gone, read what is left
+            await self._proc.wait()
+            while self._master is not None and self._master >= 0:
+                try:
+                    data = os.read(self._master, _READ)
+                except OSError:  # EIO (nothing left) or EAGAIN
+                    break
+                if not data:
+                    break
+                await self._out.put((1, data))
+        finally:
+            await self._out.put((0, b""))
 
     def write(self, data: bytes) -> None:
-        w = self._writer()
-        if w is not None and not w.is_closing():
-            w.write(data)
+        if self._master is not None:
+            if self._pty_writer is not None:
+                self._pty_writer.write(data)
+        elif self._proc.stdin is not None and not self._proc.stdin.is_closing():
+            self._proc.stdin.write(data)
 
     def write_eof(self) -> None:
-        w = self._writer()
+        """stdin ends (a pipe closes).  Never for a terminal: as with sshd, nothing happens."""
+        w = self._proc.stdin
         if self._master is None and w is not None and not w.is_closing() and w.can_write_eof():
             w.write_eof()
 
     def buffered(self) -> int:
-        w = self._writer()
+        if self._master is not None:
+            return 0 if self._pty_writer is None else self._pty_writer.buffered()
+        w = self._proc.stdin
         return 0 if w is None or w.is_closing() else w.transport.get_write_buffer_size()
 
     async def drain(self) -> None:
-        w = self._writer()
-        if w is not None and not w.is_closing():
-            await w.drain()
+        if self._master is not None:
+            if self._pty_writer is not None:
+                await self._pty_writer.drain()
+        elif self._proc.stdin is not None and not self._proc.stdin.is_closing():
+            await self._proc.stdin.drain()
 
     async def read(self) -> tuple[int, bytes]:
         while self._open:
@@ -160,9 +186,10 @@ class FakeProcess:
         after HANGUP_GRACE kill what ignored it. Jobs she detached (setsid, nohup) live on."""
         if self._master is not None and self._master >= 0:
             self._foreground = self._her_group(os.tcgetpgrp, self._master)
-        w = self._writer()
-        if w is not None:
-            w.close()
+        if self._pty_writer is not None:
+            self._pty_writer.close()
+        elif self._proc.stdin is not None:
+            self._proc.stdin.close()
         if self._pty_reader is not None:
             self._pty_reader.close()
         if self._master is not None:
