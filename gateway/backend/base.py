@@ -141,8 +141,12 @@ class Process(Protocol):
     waits for it (flow control).  `resize` and `signal` are best effort: a process that just
     ended is not an error.  `close` is allowed in any state and idempotent; it ends our side
     (the process sees end of input / hang-up).  The exit status follows the shell convention:
-    128 + n for a process killed by signal n.
+    128 + n for a process killed by signal n; `exit_signal` then says so, as (name without
+    SIG, core dumped), where the platform can tell that from `exit 128+n` (else None), and
+    the session sends `exit-signal` as sshd does.
     """
+
+    exit_signal: tuple[str, bool] | None
 
     def write(self, data: bytes) -> None: ...
 

@@ -88,6 +88,7 @@ class FakeProcess:
         self._pty_writer: FdWriter | None = None
         self._pty_reader: asyncio.BaseTransport | None = None
         self._foreground: int | None = None  # the pty's foreground group when we hung up
+        self.exit_signal: tuple[str, bool] | None = None
         self._tasks = [asyncio.ensure_future(self._pump(1, proc.stdout))] if master is None \
             else []
         if master is None:
@@ -178,6 +179,8 @@ class FakeProcess:
 
     async def wait(self) -> int:
         code = await self._proc.wait()
+        if code < 0:  # a local child: its wait status is ours
+            self.exit_signal = (signals.Signals(-code).name[3:], False)
         return 128 - code if code < 0 else code
 
     def close(self) -> None:

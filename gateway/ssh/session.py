@@ -158,6 +158,7 @@ class GatewaySession(asyncssh.SSHServerSession):
         chan, conn, ctx = self._chan, self._conn, self._conn.ctx
         started = time.monotonic()
         status = 255
+        signalled: tuple[str, bool] | None = None  # (name, core dumped): exit-signal
         kind = self.session_type
         user = conn.user
         ctx.events.emit("session.start", conn=conn.id, user=user.name, type=kind,
@@ -194,6 +195,7 @@ class GatewaySession(asyncssh.SSHServerSession):
             chan.resume_reading()
             await self._pump_output(self._proc)
             status = await self._proc.wait()
+            signalled = self._proc.exit_signal
         except GatewayError as exc:
             log.warning("[%s] %s: %s", conn.tag, user.name, exc)
             self._stderr(f"dind-gateway: {exc.user_message}\n")
@@ -216,7 +218,10 @@ class GatewaySession(asyncssh.SSHServerSession):
                             bytes_in=self.bytes_in, bytes_out=self.bytes_out,
                             duration=round(duration, 3))
         if not chan.is_closing():
-            chan.exit(status)
+            if signalled is not None:  # as sshd: the client's ssh then exits 255
+                chan.exit_with_signal(signalled[0], signalled[1])
+            else:
+                chan.exit(status)
 
     async def _pump_output(self, proc: Process) -> None:
         """Process → client, pausing whenever the SSH channel's window is full."""

@@ -86,6 +86,33 @@ def test_signal_reaches_the_process(live: InProcessGateway) -> None:
     assert "got-TERM" in out and status == 7, (out, status)
 
 
+def test_killed_by_a_signal_ends_as_with_sshd(live: InProcessGateway) -> None:
+    """A process killed by a signal ends with `exit-signal`, as under sshd (OpenSSH's `ssh`
+    then exits 255), with and without a pty; `exit 143` stays exit status 143.  Kubernetes'
+    exec API reports 128+N either way (said in the README): there, both are 143."""
+    by_signal = 143 if live.kind == "kubernetes" else 255
+    r = live.ssh("alice", "echo before; kill -TERM $$")
+    assert (r.returncode, r.stdout) == (by_signal, b"before\n"), r.stderr
+    r = live.ssh("alice", "kill -KILL $$", opts=("-tt",))
+    assert r.returncode == (137 if live.kind == "kubernetes" else 255), r.stderr
+    r = live.ssh("alice", "exit 143")
+    assert r.returncode == 143, r.stderr
+
+    async def run() -> tuple[object, object]:
+        async with asyncssh.connect(
+                "127.0.0.1", live.port, username="alice", client_keys=[str(live.keys["alice"])],
+                known_hosts=None) as conn:
+            done = await conn.run("kill -TERM $$")
+            return done.exit_status, done.exit_signal
+
+    status, signalled = asyncio.run(run())
+    if live.kind == "kubernetes":
+        assert (status, signalled) == (143, None)
+    else:
+        assert status == -1 and signalled is not None and signalled[:2] == ("TERM", False), \
+            (status, signalled)
+
+
 def test_sftp_and_scp_round_trip(live: InProcessGateway, tmp_path) -> None:
     src = tmp_path / "up.bin"
     src.write_bytes(os.urandom(5 * 2**20 + 17))

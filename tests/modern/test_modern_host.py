@@ -57,6 +57,15 @@ def test_first_login_then_inner_run_and_build(vmgw: VMGateway) -> None:
         "cat /sys/kernel/security/apparmor/profiles")
 
 
+def test_killed_by_a_signal_ends_as_with_sshd(vmgw: VMGateway) -> None:
+    """exit-signal on the guest's kernel (6.1: the process-events connector without the
+    6.6 filter, see backend/docker/exits.py): OpenSSH's `ssh` exits 255 as with sshd."""
+    r = vmgw.ssh("alice", "echo before; kill -TERM $$", timeout=scaled(30))
+    assert (r.returncode, r.stdout) == (255, b"before\n"), r.stderr
+    r = vmgw.ssh("alice", "exit 143", timeout=scaled(30))
+    assert r.returncode == 143, r.stderr
+
+
 def test_caps_in_the_cgroup_v2_files(vmgw: VMGateway) -> None:
     want = {"memory.max": "536870912", "pids.max": "300", "cpu.max": "100000 100000"}
     # as she sees them: her private cgroup namespace puts her own cgroup at /sys/fs/cgroup

@@ -43,6 +43,7 @@ from typing import Any
 
 from ...aio import FdWriter, background
 from ..base import BackendError
+from .exits import ExitWatch
 from .process import HANGUP_GRACE, SIGNALS
 
 log = logging.getLogger("dind_gateway.backend")
@@ -67,9 +68,10 @@ class Identity:
 class DirectExec:
     """Starts processes in the engine's containers through runc (see the module docstring)."""
 
-    def __init__(self, runc: str, root: str = RUNC_ROOT) -> None:
+    def __init__(self, runc: str, root: str = RUNC_ROOT, exits: ExitWatch | None = None) -> None:
         self.runc = runc
         self.root = root
+        self.exits = exits  # what her process died of (see exits.py); None: 128+N only
 
     @classmethod
     def probe(cls, root: str = RUNC_ROOT) -> DirectExec | None:
@@ -77,7 +79,7 @@ class DirectExec:
         runc = shutil.which("runc")
         if os.geteuid() != 0 or runc is None or not os.path.isdir(root):
             return None
-        return cls(runc, root)
+        return cls(runc, root, ExitWatch.open())
 
     def knows(self, container_id: str) -> bool:
         """The engine's container is one runc here manages (not a remote engine's)."""
@@ -147,7 +149,7 @@ class DirectExec:
             for fd in (in_r, out_w, err_w, log_w, null, *high):
                 os.close(fd)
                 ends.remove(fd)
-            proc = DirectProcess(pid, tty=False)
+            proc = DirectProcess(pid, tty=False, exits=self.exits)
             await proc.attach(write_fd=in_w, read_fds=((1, out_r), (2, err_r)), log_fd=log_r)
             return proc
         except BaseException:
@@ -182,7 +184,7 @@ class DirectExec:
             os.close(slave)
             if log_w >= 0:
                 os.close(log_w)
-        proc = DirectProcess(pid, tty=True)
+        proc = DirectProcess(pid, tty=True, exits=self.exits)
         proc._master = master
         await proc.attach(write_fd=os.dup(master), read_fds=((1, os.dup(master)),),
                           log_fd=log_r)
@@ -226,9 +228,13 @@ class _Reader(asyncio.Protocol):
 class DirectProcess:
     """`Process` over a runc child (see backend.base.Process)."""
 
-    def __init__(self, pid: int, *, tty: bool) -> None:
+    def __init__(self, pid: int, *, tty: bool, exits: ExitWatch | None = None) -> None:
         self.pid = pid  # runc's: our child, so the number is ours until we reap it
         self.tty = tty
+        self.exit_signal: tuple[str, bool] | None = None  # (name, core dumped): see wait()
+        self._exits = exits
+        if exits is not None:
+            exits.watch(pid)
         self.on_exit: Callable[[], object] | None = None
         # set by the backend: why her container went away (None: it did not), and how to
         # kill what her session left after a hang-up (as her, in her container)
@@ -371,6 +377,13 @@ class DirectProcess:
         self._status = os.waitstatus_to_exitcode(status)
         if self._status < 0:
             self._status = 128 - self._status
+        if self._exits is not None:
+            # 128+N from runc: her process killed by signal N, or her `exit 128+N`?
+            raw = self._exits.take(self.pid)
+            if raw is not None and os.WIFSIGNALED(raw) and \
+                    128 + os.WTERMSIG(raw) == self._status:
+                self.exit_signal = (signals.Signals(os.WTERMSIG(raw)).name[3:],
+                                    os.WCOREDUMP(raw))
         if not self._exited.done():
             self._exited.set_result(self._status)
 
@@ -380,9 +393,9 @@ class DirectProcess:
             self.send(getattr(signals, f"SIG{name}"))
 
     async def wait(self) -> int:
-        """Her process's exit status (runc's, which is hers: 128+N if signal N killed it).
-        If runc could not start it, or a signal came with the end of her whole container,
-        the reason as a BackendError."""
+        """Her process's exit status (runc's, which is hers: 128+N if signal N killed it;
+        `exit_signal` then names N when the kernel told us so).  If runc could not start it,
+        or a signal came with the end of her whole container, the reason as a BackendError."""
         status = await asyncio.shield(self._exited)
         await self._log_done.wait()
         failed = ""

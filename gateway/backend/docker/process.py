@@ -109,6 +109,8 @@ def exec_argv(spec: ProcessSpec) -> tuple[list[str], dict[str, str], str | None]
 class DockerProcess:
     """`Process` over one exec's hijacked stream (see backend.base.Process)."""
 
+    exit_signal = None  # the exec API reports 128+N for a signal: no way to tell
+
     def __init__(self, docker: DockerClient, exec_id: str, stream: ExecStream, *, user: str,
                  pidfile: str | None, runner: Runner,
                  gone: Callable[[str], Awaitable[BackendError | None]] | None = None) -> None:

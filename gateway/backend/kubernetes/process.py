@@ -83,6 +83,8 @@ def exit_code(status: dict) -> int:
 class KubeProcess:
     """`Process` over one exec websocket (see backend.base.Process)."""
 
+    exit_signal = None  # the exec status reports 128+N for a signal: no way to tell
+
     def __init__(self, ws: aiohttp.ClientWebSocketResponse, tty: bool = False) -> None:
         self.ws = ws
         self.tty = tty
