@@ -354,8 +354,14 @@ class FakeBackend(Backend):
         fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", spec.size[1], spec.size[0],
                                                            0, 0))
 
-        def controlling_tty() -> None:  # runs in the child, after setsid()
-            fcntl.ioctl(0, termios.TIOCSCTTY, 0)
+        def controlling_tty() -> None:
+            """In the child, before exec.  The stock loop has already made it a session
+            leader with the slave on 0, 1, 2; uvloop (the gateway's loop) runs this before
+            both (TIOCSCTTY on fd 0 failed: ENOTTY), so the session is made here if needed and
+            the slave named by its own fd, open in the child until exec."""
+            if os.getsid(0) != os.getpid():
+                os.setsid()
+            fcntl.ioctl(slave, termios.TIOCSCTTY, 0)
 
         try:
             proc = await asyncio.create_subprocess_exec(

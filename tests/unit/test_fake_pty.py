@@ -43,3 +43,31 @@ def test_same_under_uvloop() -> None:
     """uvloop (the gateway's loop) reads a write pipe to notice its peer closing: a write
     transport on the master must not be there to take the output."""
     assert uvloop.run(short_command_in_a_pty()) == b"every byte"
+
+
+def test_pty_command_under_uvloop_has_its_terminal(tmp_path) -> None:
+    """The whole start under uvloop: it runs preexec_fn before making the session and moving
+    the slave onto 0, 1, 2 (`TIOCSCTTY` on fd 0 failed there: every pty login of a gateway
+    with `backend: fake` said "internal error")."""
+    from gateway.backend import Limits
+    from gateway.backend.base import ProcessSpec
+    from gateway.backend.fake import FakeBackend
+
+    async def run() -> tuple[bytes, int]:
+        backend = FakeBackend(tmp_path)
+        await backend.ensure("alice", Limits())
+        proc = await backend.start(ProcessSpec(
+            user="alice", kind="command", tty=True,
+            command='tty; [ "$(ps -o sid= -p $$)" -eq $$ ] && echo leader; exit 3'))
+        out = bytearray()
+        while True:
+            stream, data = await asyncio.wait_for(proc.read(), 10)
+            if not stream:
+                break
+            out += data
+        status = await proc.wait()
+        proc.close()
+        return bytes(out), status
+
+    out, status = uvloop.run(run())
+    assert out.startswith(b"/dev/pts/") and b"leader" in out and status == 3, (out, status)
