@@ -133,6 +133,8 @@ def main(argv: list[str] | None = None) -> int:
         rig.start()
         if rig.supports("process_path"):  # the engine's exec path, side by side (issue 14)
             rig.add_gateway("gateway-engine", [], settings={"process_path": "engine"})
+        if rig.supports('"fake"'):  # the same gateway without containers: the floor
+            rig.add_gateway("gateway-local", [], settings={"backend": "fake"})
         first = users[0]
         say(f"gateway :{rig.contenders['gateway'].port}, diy sshd :{rig.contenders['diy'].port}"
             f", plain sshd :{rig.contenders['plain'].port}; starting {first}'s containers")

@@ -72,13 +72,18 @@ def shell(cmd: str) -> list[str]:
     return ["bash", "-o", "pipefail", "-c", cmd]
 
 
-def contenders(rig: Rig, *names: str) -> list[Contender]:
-    """The named contenders; "gateway" brings its engine-path twin along when it runs."""
+TWINS = ("gateway-engine", "gateway-local")  # the gateway's variants, where they run
+
+
+def contenders(rig: Rig, *names: str, local: bool = True) -> list[Contender]:
+    """The named contenders; "gateway" brings its engine-path twin along when it runs, and
+    (`local`) its twin without a container: the floor of any container path."""
     out = []
     for n in names:
         out.append(rig.contenders[n])
-        if n == "gateway" and "gateway-engine" in rig.contenders:
-            out.append(rig.contenders["gateway-engine"])
+        if n == "gateway":
+            out += [rig.contenders[t] for t in TWINS
+                    if t in rig.contenders and (local or t != "gateway-local")]
     return out
 
 
@@ -111,7 +116,7 @@ def _server_tree(rig: Rig, c: Contender) -> dict[int, float]:
     for pid, (ppid, _, _) in table.items():
         children.setdefault(ppid, []).append(pid)
     roots = [rig.procs[c.name].pid]
-    if c.name != "plain":
+    if c.name not in ("plain", "gateway-local"):
         roots += [pid for pid, (_, comm, _) in table.items()
                   if comm in ENGINE or comm.startswith("containerd-shim")]
     out: dict[int, float] = {}
@@ -511,7 +516,7 @@ def load(rig: Rig, plan: Plan, res: Results) -> None:
 
 
 async def _load(rig: Rig, plan: Plan, res: Results, users: list[str]) -> None:
-    cs = contenders(rig, "gateway", "diy")
+    cs = contenders(rig, "gateway", "diy", local=False)
     rss = {"gateway": lambda: rss_with_children(rig.gateway_pid()),
            "gateway-engine": lambda: rss_with_children(rig.procs["gateway-engine"].pid),
            "diy": lambda: rss_of_tree(rig.sshd_pid("diy"))}

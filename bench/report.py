@@ -131,7 +131,8 @@ class Results:
 
     def rows(self) -> list[tuple[Series, float | None]]:
         order = {m.key: i for i, m in enumerate(MEASUREMENTS)}
-        cont = {"gateway": 0, "gateway-engine": 1, "diy": 2, "plain": 3, "raw": 4}
+        cont = {"gateway": 0, "gateway-engine": 1, "gateway-local": 2, "diy": 3, "plain": 4,
+                "raw": 5}
         out = []
         for s in sorted(self.series.values(), key=lambda s: (order.get(s.key, 99),
                                                               cont.get(s.contender, 9))):
@@ -163,6 +164,19 @@ class Results:
         return out
 
 
+    def floors(self) -> list[tuple[str, float, float, bool]]:
+        """(target, gateway ratio, ratio without a container, reachable?) for each target the
+        local twin measured: if the same gateway with no container at all misses a target,
+        no container path of this SSH layer can meet it on this machine."""
+        out = []
+        for t in TARGETS:
+            r = self.ratio(t.key, "gateway", t.reference)
+            f = self.ratio(t.key, "gateway-local", t.reference)
+            if r is not None and f is not None:
+                out.append((t.text, r, f, f <= t.bound if t.op == "<=" else f >= t.bound))
+        return out
+
+
 # --- formatting -----------------------------------------------------------------------------
 
 def fmt(v: float, unit: str) -> str:
@@ -191,6 +205,9 @@ def text_table(res: Results) -> str:
     for text, value, met in res.targets():
         verdict = {True: "MET", False: "NOT MET", None: "-"}[met]
         lines.append(f"target: {text}: {value}: {verdict}")
+    for text, r, f, reachable in res.floors():
+        lines.append(f"floor: {text}: gateway {r:.2f}×, without a container {f:.2f}×: "
+                     f"{'reachable' if reachable else 'out of reach for this SSH layer'}")
     return "\n".join(lines)
 
 
@@ -279,7 +296,8 @@ def markdown(res: Results, plan_text: str, mach: list[tuple[str, str]], elapsed:
         "sessions on the direct process path (`process_path: auto`: runc next to the "
         "engine). **gateway-engine**: the same code and containers with `process_path: "
         "engine` (the Engine API's exec, with spares): the before/after of the direct path, "
-        "in one run.",
+        "in one run. **gateway-local**: the same code with `backend: fake` (no container: "
+        "processes on the host), the floor of any container path; see the last section.",
         "- **diy**: the do-it-yourself baseline: OpenSSH `sshd` on 127.0.0.1 with "
         "`ForceCommand bench/diy-wrapper.sh` (`docker exec -i [-t] -u USER -w /home/USER "
         "CONTAINER sh -c \"$SSH_ORIGINAL_COMMAND\"`) and `Subsystem sftp bench/diy-sftp.sh` "
@@ -338,6 +356,18 @@ def markdown(res: Results, plan_text: str, mach: list[tuple[str, str]], elapsed:
     for text, value, met in res.targets():
         verdict = {True: "met", False: "**not met**", None: "-"}[met]
         out.append(f"| {text} | {value} | {verdict} |")
+    floors = res.floors()
+    if floors:
+        out += ["", "## Without a container: the floor", "",
+                "**gateway-local** is the same gateway with `backend: fake`: her commands, "
+                "shell and `sftp-server` run on the host as local processes, with no "
+                "container, runc or engine in the path. What it misses, no container path of "
+                "this SSH layer (asyncssh, in one Python process) can meet on this machine.",
+                "", "| target | gateway | without a container | target reachable? |",
+                "| --- | ---: | ---: | --- |"]
+        out += [f"| {text} | {r:.2f}× | {f:.2f}× | "
+                f"{'yes' if reachable else '**no**: out of reach for this SSH layer'} |"
+                for text, r, f, reachable in floors]
     if res.notes:
         out += ["", "## Notes from this run", ""]
         out += [f"- {n}" for n in res.notes]

@@ -22,10 +22,11 @@ NUM = r"\d+(?:\.\d+)?"
 MEASUREMENTS = ("warm_login", "pty_login", "cold_login", "idle_login", "stream_up",
                 "stream_down", "sftp_put", "sftp_get", "scp_put", "scp_get", "par_sftp_get",
                 "sftp_get_cpu", "load_login")
-# the engine-path gateway runs next to the default (direct path) one
+# the engine-path gateway runs next to the default (direct path) one, and so does the local
+# one (no container: the floor) wherever there is no container to start or load to hold
 CONTENDERS = {"cold_login": ("gateway", "raw"), "idle_login": ("gateway", "raw"),
               "load_login": ("gateway", "gateway-engine", "diy"),
-              "par_sftp_get": ("gateway", "gateway-engine", "plain")}
+              "par_sftp_get": ("gateway", "gateway-engine", "gateway-local", "plain")}
 
 
 def test_bench_quick(docker_client: docker.DockerClient, tmp_path: Path) -> None:
@@ -36,7 +37,8 @@ def test_bench_quick(docker_client: docker.DockerClient, tmp_path: Path) -> None
     output = p.stdout + p.stderr
     assert p.returncode == 0, output[-4000:]
     for key in MEASUREMENTS:
-        for contender in CONTENDERS.get(key, ("gateway", "gateway-engine", "diy", "plain")):
+        for contender in CONTENDERS.get(key, ("gateway", "gateway-engine", "gateway-local", "diy",
+                                                   "plain")):
             # a 4 MiB sftp get can end between two 50 ms CPU samples, so the reference may
             # read 0 s/GiB and that ratio be undefined ("-"); the figures must still be there
             ratio = rf"({NUM}|-)" if key == "sftp_get_cpu" else NUM
@@ -58,8 +60,15 @@ def test_bench_quick(docker_client: docker.DockerClient, tmp_path: Path) -> None
     for text, verdict in verdicts:
         expected = "not measured: -" if any(text.startswith(u) for u in unmeasurable) else None
         assert verdict == expected if expected else verdict in ("MET", "NOT MET"), (text, verdict)
+    # the floor of each target the local twin measured (all but the cold login), judged
+    floors = re.findall(r"^floor: (.*): gateway \S+×, without a container \S+×: "
+                        r"(reachable|out of reach for this SSH layer)$", p.stdout, re.M)
+    assert {t for t, _ in floors} == {t.text for t in TARGETS if t.key != "cold_login"
+                                      and not any(t.text.startswith(u) for u in unmeasurable)}, \
+        output
     text = out_md.read_text()
-    for heading in ("## Machine", "## Results", "## Load", "## Targets", "## Profile notes"):
+    for heading in ("## Machine", "## Results", "## Load", "## Targets",
+                    "## Without a container: the floor", "## Profile notes"):
         assert heading in text
     assert "| warm_login | gateway |" in text
     # everything the run created is gone
