@@ -520,8 +520,7 @@ async def _load(rig: Rig, plan: Plan, res: Results, users: list[str]) -> None:
     rss = {"gateway": lambda: rss_with_children(rig.gateway_pid()),
            "gateway-engine": lambda: rss_with_children(rig.procs["gateway-engine"].pid),
            "diy": lambda: rss_of_tree(rig.sshd_pid("diy"))}
-    what = {"gateway": "gateway process + private memory of its children (her session "
-                       "processes: runc is not resident)",
+    what = {"gateway": "gateway process + private memory of its runc children",
             "gateway-engine": "gateway process (engine path: no children)",
             "diy": "sshd + docker CLI process tree"}
     times: dict[str, list[float]] = {c.name: [] for c in cs}

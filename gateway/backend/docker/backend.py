@@ -504,7 +504,7 @@ class DockerBackend(Backend):
         if self.direct is not None:
             for user in list(self._direct_spares):
                 self._direct_spares.pop(user)[1].close()
-            await self.direct.close()
+            self.direct.close()
         self.netns.close()
 
     async def stats(self, user: str) -> EnvStats:

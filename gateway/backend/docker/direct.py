@@ -84,7 +84,6 @@ class DirectExec:
         self.scratch = tempfile.mkdtemp(prefix="dgw-runc-", dir="/run" if os.access(
             "/run", os.W_OK) else None)
         self.sessions: set[int] = set()  # pids of her processes we wait for
-        self.live: set[DirectProcess] = set()  # not reaped yet (runc's or hers)
         self._zombies: set[int] = set()  # children seen dead and unclaimed at the last sweep
         self._sweeper: asyncio.Task[None] | None = None
 
@@ -256,22 +255,13 @@ class DirectExec:
         self._zombies = dead - set(reaped)
         return reaped
 
-    async def close(self) -> None:
-        """The backend is done.  Her processes still running are our children, and must not
-        outlive us unreaped: a zombie in her container's pid namespace keeps the container
-        from finishing its exit (the engine then cannot stop or remove it: "did not receive
-        an exit event"), and an init that does not reap (some sandboxes' PID 1) would keep it
-        so.  So: the sessions were hung up by now; what is left after the hang-up's grace is
-        killed (her session's own process; her container's init reaps what it started), and
-        reaped here.  A thread reaps whatever still has not ended."""
+    def close(self) -> None:
+        """The backend is done.  Her processes still running are our children: reaped by a
+        thread as they end, not left as zombies — a zombie of her container's pid namespace
+        keeps the container from ever finishing its exit (the engine then cannot remove it:
+        "did not receive an exit event")."""
         if self._sweeper is not None:
             self._sweeper.cancel()
-        if self.live:
-            await asyncio.wait([p._exited for p in self.live], timeout=HANGUP_GRACE + 1)
-        for proc in list(self.live):
-            proc.send(signals.SIGKILL)
-        if self.live:
-            await asyncio.wait([p._exited for p in self.live], timeout=5)
         shutil.rmtree(self.scratch, ignore_errors=True)
         if self.sessions:
             threading.Thread(target=_reap_when_done, args=(sorted(self.sessions),),
@@ -338,7 +328,6 @@ class DirectProcess:
         self._pending: list[signals.Signals] = []  # signals before her process ran
         self._runc_fd = os.pidfd_open(runc_pid)
         loop.add_reader(self._runc_fd, self._runc_ended)
-        direct.live.add(self)
         self._her_fd = -1
         self._queue: deque[tuple[int, bytes]] = deque()
         self._queued = 0
@@ -467,7 +456,6 @@ class DirectProcess:
         self._finish(status)
 
     def _finish(self, status: int) -> None:
-        self.direct.live.discard(self)
         self._status = status
         if not self._exited.done():
             self._exited.set_result(status)
