@@ -504,7 +504,6 @@ class DockerBackend(Backend):
         if self.direct is not None:
             for user in list(self._direct_spares):
                 self._direct_spares.pop(user)[1].close()
-            self.direct.close()
         self.netns.close()
 
     async def stats(self, user: str) -> EnvStats:
