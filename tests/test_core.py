@@ -51,8 +51,9 @@ def test_exec_streams_exit_code_and_env(gateway: GatewayProc) -> None:
     assert first.stderr.endswith(b"err\n")
     r = gateway.ssh("alice", "echo out; echo err >&2; exit 3")
     assert (r.returncode, r.stdout, r.stderr) == (3, b"out\n", b"err\n")
+    # killed by a signal: exit-signal, as sshd sends it, and OpenSSH's ssh exits 255
     for cmd, code in (("true", 0), ("false", 1), ("no-such-command-xyz", 127),
-                      ("kill -INT $$", 130)):
+                      ("exit 130", 130), ("kill -INT $$", 255)):
         assert gateway.ssh("alice", cmd).returncode == code, cmd
     r = gateway.ssh("alice", 'echo "$DOCKER_HOST|$USER|$HOME|$LOGNAME|$(pwd)|$(id -un)"')
     assert r.stdout.decode().strip() == ("unix:///var/run/docker.sock|alice|/home/alice|alice|"
@@ -351,7 +352,8 @@ def test_asyncssh_client_exec_signal_and_terminal(gateway: GatewayProc,
             assert await asyncio.wait_for(proc.stdout.readline(), 30) == "ready\n"
             proc.send_signal("INT")
             await asyncio.wait_for(proc.wait_closed(), 15)
-            assert proc.exit_status == 130
+            assert proc.exit_signal is not None and proc.exit_signal[0] == "INT", \
+                (proc.exit_status, proc.exit_signal)
             proc = await conn.create_process(
                 "stty -echo; stty size; echo $TERM; while read x; do stty size; done",
                 term_type="xterm-256color", term_size=(101, 33))
