@@ -5,12 +5,16 @@ from __future__ import annotations
 
 import asyncio
 import secrets
+import shlex
+import subprocess
+from pathlib import Path
 
 import pytest
 
 from gateway.backend import BackendError, Limits
 from gateway.backend.kubernetes import KubeClient, KubernetesBackend
 
+from ..conftest import GatewayProc
 from .conftest import BACKENDS, K8S_HOST_PATH, Cluster
 
 pytestmark = pytest.mark.skipif("kubernetes" not in BACKENDS,
@@ -43,3 +47,41 @@ def test_a_pod_that_cannot_start_is_explained(k8s_cluster: Cluster) -> None:
         k8s_cluster.kubectl("delete", "namespace", ns, "--wait=false", check=False)
         k8s_cluster.kubectl("delete", "pv", "-l", f"dind-gateway.instance={ns}", check=False)
     assert "ErrImageNeverPull" in message and "event:" in message, message
+
+
+def test_exec_output_is_complete_in_the_served_gateway(
+        k8s_cluster: Cluster, tmp_path: Path, keys: dict[str, Path]) -> None:
+    """`dind-gateway serve` as deployed (its own process and default event loop, not the
+    suite's in-process asyncio gateway) delivers every byte of a command's output and its
+    exit status, also when the SSH client's window holds the exec's websocket back.
+
+    Under uvloop its TLS transport dropped what it still buffered when the API server closed
+    the connection while reading was paused (MagicStack/uvloop PR 661): the tail of the
+    output and the exit status were lost in about half the runs."""
+    gw = GatewayProc(tmp_path, keys, backend="kubernetes", security_profile="privileged")
+    gw.settings["kubernetes"] = {"kubeconfig": str(k8s_cluster.kubeconfig),
+                                 "namespace": gw.prefix, "host_path": K8S_HOST_PATH,
+                                 "image_pull_policy": "Never", "home_size": "1g",
+                                 "docker_size": "2g"}
+    k8s_cluster.kubectl("create", "namespace", gw.prefix)
+    n = 8 << 20
+    try:
+        gw.start()
+        first = gw.ssh("alice", "true", timeout=300)
+        assert first.returncode == 0, first.stderr + gw.tail().encode()
+        results = []
+        for _ in range(8):
+            # stdout through a pipe read in small sips: the SSH window fills, the gateway
+            # stops reading the websocket, and the exec ends while it is held back
+            p = subprocess.run(
+                ["bash", "-o", "pipefail", "-c",
+                 shlex.join(gw.ssh_args("alice")) + f" 'head -c {n} /dev/zero; exit 7'"
+                 " | dd bs=4k status=none | wc -c"],
+                capture_output=True, timeout=120, stdin=subprocess.DEVNULL)
+            results.append((p.returncode, p.stdout.strip()))
+    finally:
+        gw.stop()
+        k8s_cluster.kubectl("delete", "namespace", gw.prefix, "--wait=false", check=False)
+        k8s_cluster.kubectl("delete", "pv", "-l", f"dind-gateway.instance={gw.prefix}",
+                            check=False)
+    assert results == [(7, str(n).encode())] * 8, (results, gw.tail())
