@@ -4,9 +4,11 @@ backend selected: DGW_CONFORMANCE_BACKENDS=kubernetes)."""
 from __future__ import annotations
 
 import asyncio
+import re
 import secrets
 import shlex
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -14,7 +16,7 @@ import pytest
 from gateway.backend import BackendError, Limits
 from gateway.backend.kubernetes import KubeClient, KubernetesBackend
 
-from ..conftest import GatewayProc
+from ..conftest import ROOT, GatewayProc
 from .conftest import BACKENDS, K8S_HOST_PATH, Cluster
 
 pytestmark = pytest.mark.skipif("kubernetes" not in BACKENDS,
@@ -85,3 +87,25 @@ def test_exec_output_is_complete_in_the_served_gateway(
         k8s_cluster.kubectl("delete", "pv", "-l", f"dind-gateway.instance={gw.prefix}",
                             check=False)
     assert results == [(7, str(n).encode())] * 8, (results, gw.tail())
+
+
+def test_bench_k8s_quick(k8s_cluster: Cluster) -> None:
+    """`python -m bench k8s --quick` end to end on the cluster (issue 15): every measurement
+    has a numeric row for both backends, and nothing of the run is left in the cluster or
+    the engine.  The figures themselves are not judged (docs/benchmarks.md)."""
+    p = subprocess.run([sys.executable, "-m", "bench", "k8s", "--quick"], cwd=ROOT,
+                       capture_output=True, text=True, timeout=600, stdin=subprocess.DEVNULL)
+    output = p.stdout + p.stderr
+    assert p.returncode == 0, output[-4000:]
+    num = r"\d+(?:\.\d+)?"
+    for key in ("first_login", "start_login", "warm_login", "stream_down", "stream_up"):
+        for contender in ("docker", "kubernetes"):
+            assert re.search(rf"^{key}\s+{contender}\s+{num}\s+{num}\s+{num}\s+(s|MiB/s)\s+\d+"
+                             rf"\s+{num}$", p.stdout, re.M), f"no row {key}/{contender}:\n{output}"
+    prefix = re.search(r"prefix (dgwbench-[0-9a-f]+)", p.stdout).group(1)
+    assert k8s_cluster.kubectl("get", "namespace", prefix, check=False) == ""
+    assert prefix not in k8s_cluster.kubectl("get", "pv", "-o", "name")
+    flt = ["--filter", f"label=dind-gateway.instance={prefix}"]
+    for kind in (["ps", "-a"], ["volume", "ls"], ["network", "ls"]):
+        left = subprocess.run(["docker", *kind, "-q", *flt], capture_output=True, text=True)
+        assert left.stdout.strip() == "", (kind, left.stdout)
