@@ -326,10 +326,10 @@ class Connection(asyncssh.SSHServer):
             assert self.conn is not None
             try:
                 await self.ctx.ensure(self.user)
-                sock = await self.ctx.backend.listen_tcp(self.user.name, listen_port)
+                listener = await self.ctx.backend.listen_tcp(self.user.name, listen_port)
             except GatewayError as exc:
                 return refuse(exc.user_message)
-            forward = await RemoteForward(self.conn, sock, listen_host,
+            forward = await RemoteForward(self.conn, listener, listen_host,
                                           on_close=self._remote.discard).start()
             self._remote.add(forward)
             log.info("[%s] remote forward: user=%s %s:%s -> client", self.tag, self.user.name,

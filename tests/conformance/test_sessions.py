@@ -399,7 +399,7 @@ def test_agent_forwarding_into_the_environment(live: InProcessGateway, tmp_path)
         lines = r.stdout.splitlines()
         assert fingerprint in lines[0], (r.stdout, r.stderr)
         # her directory, hers alone (the fake backend's processes are the gateway's user)
-        owner = "alice" if live.kind == "docker" else __import__("getpass").getuser()
+        owner = "alice" if live.kind != "fake" else __import__("getpass").getuser()
         assert lines[2].split() == [owner, "700"], r.stdout
         assert lines[1].split()[0] == owner, r.stdout
         assert set(glob.glob(os.path.join(tempfile.gettempdir(), "asyncssh-*"))) == before
@@ -410,6 +410,28 @@ def test_agent_forwarding_into_the_environment(live: InProcessGateway, tmp_path)
     finally:
         agent.terminate()
         agent.wait(10)
+
+
+def test_agent_socket_goes_with_the_connection(live: InProcessGateway, tmp_path) -> None:
+    """The forwarded agent's socket and its private directory exist while the connection
+    does, and are removed when it ends (as sshd removes its agent socket)."""
+    sock = tmp_path / "agent.sock"
+    agent = subprocess.Popen(["ssh-agent", "-D", "-a", str(sock)], stdout=subprocess.DEVNULL)
+    try:
+        assert wait_for(sock.exists, 10)
+        env = {**os.environ, "SSH_AUTH_SOCK": str(sock)}
+        r = subprocess.run(live.ssh_args("alice", None, "-A") + [
+            'test -S "$SSH_AUTH_SOCK" && dirname "$SSH_AUTH_SOCK"'],
+            env=env, capture_output=True, text=True, timeout=60)
+        assert r.returncode == 0 and r.stdout.strip(), (r.stdout, r.stderr)
+        directory = r.stdout.strip()
+    finally:
+        agent.terminate()
+        agent.wait(10)
+    # removed once the gateway has seen the connection end: polled, with a deadline
+    r = live.ssh("alice", f"for i in $(seq 100); do [ -e {directory} ] || exit 0; sleep 0.1; "
+                 "done; exit 1")
+    assert r.returncode == 0, f"{directory} still there after the connection ended"
 
 
 # What VS Code Remote-SSH does on connect: `ssh -T host bash` with a script on stdin that
