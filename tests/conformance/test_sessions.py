@@ -8,6 +8,7 @@ networks, cgroups, spares, quotas) is tested in tests/test_*.py.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import os
 import shutil
@@ -374,6 +375,34 @@ def test_remote_forward_reaches_the_client_from_inside(live: InProcessGateway) -
         assert r.returncode == 0 and r.stdout == b"from-the-laptop\n", r.stderr
     finally:
         laptop.shutdown()
+
+
+def test_remote_forward_requested_by_a_short_connection_is_not_left(
+        live: InProcessGateway) -> None:
+    """A client that asks for `-R P` and is gone before the answer (the listener is still
+    being made; on Kubernetes that takes an exec): the listener made after the connection
+    ended is closed too, not left listening in her environment."""
+    ports = [free_port() for _ in range(3)]
+
+    async def ask_and_vanish(port: int) -> None:
+        conn = await asyncssh.connect("127.0.0.1", live.port, username="alice",
+                                      client_keys=[str(live.keys["alice"])], known_hosts=None)
+        request = asyncio.ensure_future(conn.forward_remote_port("", port, "127.0.0.1", 9))
+        await asyncio.sleep(0)  # one loop pass: the request is on the wire
+        conn.abort()
+        with contextlib.suppress(asyncssh.Error, asyncssh.ChannelListenError, OSError,
+                                 asyncio.CancelledError):
+            await request
+        await conn.wait_closed()
+
+    for port in ports:
+        asyncio.run(ask_and_vanish(port))
+    # nothing may accept on them: polled, with a deadline
+    probe = " ".join(str(p) for p in ports)
+    r = live.ssh("alice", f"for i in $(seq 100); do left=; for p in {probe}; do "
+                 "(exec 3<>/dev/tcp/127.0.0.1/$p) 2>/dev/null && left=\"$left $p\"; done; "
+                 "[ -z \"$left\" ] && exit 0; sleep 0.1; done; echo $left; exit 1")
+    assert r.returncode == 0, f"still listening in her environment: {r.stdout!r} {r.stderr!r}"
 
 
 def test_agent_forwarding_into_the_environment(live: InProcessGateway, tmp_path) -> None:
