@@ -2,6 +2,9 @@
 
 `python -m bench noisy [--samples N]`: bob's warm login while alice abuses her caps
 (bench/noisy.py).
+
+`python -m bench k8s [--quick]`: the Kubernetes backend next to the Docker backend
+(bench/k8s.py).
 """
 
 from __future__ import annotations
@@ -108,6 +111,9 @@ def main(argv: list[str] | None = None) -> int:
     if argv[:1] == ["noisy"]:  # bob's warm login while alice abuses her caps: bench/noisy.py
         from . import noisy
         return noisy.main(argv[1:])
+    if argv[:1] == ["k8s"]:  # the Kubernetes backend next to the Docker backend: bench/k8s.py
+        from . import k8s
+        return k8s.main(argv[1:])
     args = build_parser().parse_args(argv)
     plan = make_plan(args)
     out = None if args.no_out else (args.out or (None if args.quick else DEFAULT_OUT))

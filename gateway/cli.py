@@ -39,6 +39,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
         import uvloop
     except ImportError:  # pragma: no cover - optional speed-up
         uvloop = None
+    if uvloop and config.backend == "kubernetes" and not args.no_uvloop:
+        # uvloop's TLS transport drops what it still buffers when the peer closes while
+        # reading is paused (MagicStack/uvloop PR 661, open): with the exec websocket held
+        # back by a full SSH window, the tail of a command's output and its exit status were
+        # lost when the API server closed the exec.  Stock asyncio's TLS waits for resume.
+        logging.getLogger("dind_gateway").info(
+            "backend kubernetes: stock asyncio event loop (uvloop loses TLS data at close)")
+        uvloop = None
     runner = uvloop.run if uvloop and not args.no_uvloop else asyncio.run
     return runner(args.serve(config))
 

@@ -149,7 +149,8 @@ log "API server ready"
 run controller-manager $K/kube-controller-manager --kubeconfig "$S/local.kubeconfig" \
   --leader-elect=false --service-account-private-key-file "$P/sa.key" \
   --root-ca-file "$P/ca.crt" --use-service-account-credentials=false \
-  --controllers '*,-nodeipam,-service,-route,-cloud-node-lifecycle' --cluster-cidr 10.244.0.0/16
+  --controllers '*,-nodeipam,-service,-route,-cloud-node-lifecycle' --cluster-cidr 10.244.0.0/16 \
+  --pvclaimbinder-sync-period 1s
 run scheduler $K/kube-scheduler --kubeconfig "$S/local.kubeconfig" --leader-elect=false
 
 cat >/run/kubelet.yaml <<EOF

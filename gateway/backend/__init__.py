@@ -6,12 +6,12 @@ from .base import (
     EnvState,
     EnvStats,
     Limits,
+    Listener,
     Process,
     ProcessSpec,
     Share,
-    UnixListener,
+    SocketListener,
 )
 
-__all__ = ["Backend", "BackendError", "EnvState", "EnvStats", "Limits", "Process",
-           "ProcessSpec", "Share",
-           "UnixListener"]
+__all__ = ["Backend", "BackendError", "EnvState", "EnvStats", "Limits", "Listener", "Process",
+           "ProcessSpec", "Share", "SocketListener"]

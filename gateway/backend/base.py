@@ -13,6 +13,7 @@ Failures are `BackendError`s: a user-safe text, a log text and a reason label.
 from __future__ import annotations
 
 import abc
+import asyncio
 import logging
 import socket
 import time
@@ -123,13 +124,62 @@ class ProcessSpec:
     shell: str | None = None
 
 
-@dataclass
-class UnixListener:
-    """A listening unix socket whose file is inside the user's environment."""
+class Listener(abc.ABC):
+    """A listener in the user's environment (`ssh -R`'s port, the forwarded agent's socket
+    file): connections her processes make to it come out of `accept`.
 
-    sock: socket.socket  # listening, non-blocking, held by the gateway
-    path: str  # where her processes find it
-    cleanup: Callable[[], None]  # closes the socket and removes the file
+    It listens until `close` (idempotent; removes a socket file), which the gateway calls when
+    the SSH connection that asked for it ends; a listener whose platform side went away
+    (environment stopped, the platform's stream lost) makes `accept` raise `BackendError`.
+    """
+
+    port: int = 0  # TCP: the port bound on 127.0.0.1 (the one picked when 0 was asked)
+    path: str = ""  # unix: where her processes find the socket file
+
+    @abc.abstractmethod
+    async def accept(self) -> tuple[socket.socket, tuple[str, int]]:
+        """The next connection: a connected, non-blocking stream socket on the gateway's side
+        and the peer's (host, port) as seen in her environment (("", 0) for unix)."""
+
+    @abc.abstractmethod
+    def close(self) -> None: ...
+
+
+class SocketListener(Listener):
+    """A `Listener` over a listening socket the gateway holds (one made in her network
+    namespace, or bound to a file in her filesystem); `cleanup` runs once at `close`."""
+
+    def __init__(self, sock: socket.socket, path: str = "",
+                 cleanup: Callable[[], None] | None = None) -> None:
+        sock.setblocking(False)
+        self.sock = sock
+        self.path = path
+        self.port = sock.getsockname()[1] if sock.family != socket.AF_UNIX else 0
+        self._cleanup = cleanup
+        self._closed = False
+
+    async def accept(self) -> tuple[socket.socket, tuple[str, int]]:
+        if self._closed:
+            raise BackendError("the listener is closed", "accept on a closed listener",
+                               "listener-closed")
+        try:
+            conn, peer = await asyncio.get_running_loop().sock_accept(self.sock)
+        except OSError as exc:
+            raise BackendError("the listener ended", f"accept: {exc}", "listener-closed") from exc
+        conn.setblocking(False)
+        if conn.family == socket.AF_UNIX:
+            return conn, ("", 0)
+        if conn.family == socket.AF_INET:
+            conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        return conn, (peer[0], peer[1])
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        if self._cleanup is not None:
+            self._cleanup()  # closes the socket too
+        self.sock.close()
 
 
 class Process(Protocol):
@@ -210,14 +260,14 @@ class Backend(abc.ABC):
         with a socket path, as IDEs forward their server's socket)."""
 
     @abc.abstractmethod
-    async def listen_tcp(self, user: str, port: int) -> socket.socket:
-        """A listening TCP socket on 127.0.0.1:port in the user's environment (`ssh -R`);
-        port 0 picks a free one."""
+    async def listen_tcp(self, user: str, port: int) -> Listener:
+        """A listener on 127.0.0.1:port in the user's environment (`ssh -R`); port 0 picks
+        a free one (then `Listener.port` says which)."""
 
     @abc.abstractmethod
-    async def listen_unix(self, user: str, name: str) -> UnixListener:
-        """A listening unix socket `name` in a directory of the user's own in her
-        environment (the forwarded ssh-agent)."""
+    async def listen_unix(self, user: str, name: str) -> Listener:
+        """A listening unix socket `name` in a directory of the user's own (0700) in her
+        environment (the forwarded ssh-agent); `Listener.path` is where."""
 
     @abc.abstractmethod
     def aliases(self, user: str) -> set[str]:

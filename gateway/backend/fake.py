@@ -36,7 +36,7 @@ from .base import (
     Limits,
     ProcessSpec,
     Progress,
-    UnixListener,
+    SocketListener,
 )
 
 SFTP_SERVERS = ("/usr/lib/openssh/sftp-server", "/usr/libexec/sftp-server",
@@ -390,7 +390,7 @@ class FakeBackend(Backend):
                                f"fake {user}: {path} outside {base}", "connect-failed")
         return await _connect(socket.AF_UNIX, target, path, user)
 
-    async def listen_tcp(self, user: str, port: int) -> socket.socket:
+    async def listen_tcp(self, user: str, port: int) -> SocketListener:
         sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         try:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -400,10 +400,9 @@ class FakeBackend(Backend):
             sock.close()
             raise BackendError(f"cannot listen on port {port}: {os_reason(exc)}",
                                f"fake {user}: listen {port}: {exc}", "listen-failed") from exc
-        sock.setblocking(False)
-        return sock
+        return SocketListener(sock)
 
-    async def listen_unix(self, user: str, name: str) -> UnixListener:
+    async def listen_unix(self, user: str, name: str) -> SocketListener:
         directory = self.root / user / "run" / secrets.token_hex(8)
         directory.mkdir(parents=True, mode=0o700)
         path = directory / name
@@ -416,7 +415,7 @@ class FakeBackend(Backend):
             sock.close()
             shutil.rmtree(directory, ignore_errors=True)
 
-        return UnixListener(sock=sock, path=str(path), cleanup=cleanup)
+        return SocketListener(sock, str(path), cleanup)
 
     def aliases(self, user: str) -> set[str]:
         return _LOCAL_NAMES | {f"{user}-devbox", "devbox"}

@@ -88,6 +88,7 @@ class Connection(asyncssh.SSHServer):
         self._agent: AgentRelay | None = None
         self._agent_lock = asyncio.Lock()
         self._remote: set[RemoteForward] = set()
+        self.gone = False  # connection_lost has run: nothing more may be made for it
 
     # --- connection -----------------------------------------------------------------
 
@@ -110,6 +111,7 @@ class Connection(asyncssh.SSHServer):
         conn.validate_public_key = self._key_offered  # type: ignore[method-assign]
 
     def connection_lost(self, exc: Exception | None) -> None:
+        self.gone = True
         self.ctx.guard.closed(self.id)
         if self.refused:
             return
@@ -326,10 +328,13 @@ class Connection(asyncssh.SSHServer):
             assert self.conn is not None
             try:
                 await self.ctx.ensure(self.user)
-                sock = await self.ctx.backend.listen_tcp(self.user.name, listen_port)
+                listener = await self.ctx.backend.listen_tcp(self.user.name, listen_port)
             except GatewayError as exc:
                 return refuse(exc.user_message)
-            forward = await RemoteForward(self.conn, sock, listen_host,
+            if self.gone:  # she left while it was made: nobody would close it
+                listener.close()
+                return refuse("the connection ended")
+            forward = await RemoteForward(self.conn, listener, listen_host,
                                           on_close=self._remote.discard).start()
             self._remote.add(forward)
             log.info("[%s] remote forward: user=%s %s:%s -> client", self.tag, self.user.name,
@@ -366,6 +371,9 @@ class Connection(asyncssh.SSHServer):
         async with self._agent_lock:
             if self._agent is None:
                 listener = await self.ctx.backend.listen_unix(self.user.name, "agent.sock")
+                if self.gone:  # as for -R: made after the connection ended
+                    listener.close()
+                    return None
                 self._agent = await AgentRelay(self.conn, listener).start()
                 self.ctx.events.emit("agent.forward", conn=self.id, user=self.user.name,
                                      path=self._agent.path)

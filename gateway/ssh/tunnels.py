@@ -1,9 +1,10 @@
 """Channels that start inside her environment: `ssh -R` listeners and the forwarded agent.
 
-Both listen *in her environment* (the backend makes the listening socket: in her container's
-network namespace for `-R`, a socket file in her container for the agent), never on the
-gateway host, where anything running as the gateway's user could use them.  Each accepted
-connection becomes one SSH channel back to the client, and bytes are spliced both ways.
+Both listen *in her environment* (the backend's `Listener`: a socket in her container's
+network namespace for `-R`, a socket file in her container for the agent; on Kubernetes a
+helper in her pod), never on the gateway host, where anything running as the gateway's user
+could use them.  Each accepted connection becomes one SSH channel back to the client, and
+bytes are spliced both ways.  Listeners end with the SSH connection that asked for them.
 """
 
 from __future__ import annotations
@@ -11,12 +12,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import socket
 from typing import Any
 
 import asyncssh
 
-from ..backend import UnixListener
+from ..aio import background
+from ..backend import Listener
+from ..errors import GatewayError
 
 log = logging.getLogger("dind_gateway.tunnels")
 
@@ -43,30 +45,62 @@ async def splice(a: tuple[Any, Any], b: tuple[Any, Any]) -> None:
                 writer.close()
 
 
-class RemoteForward(asyncssh.SSHListener):
-    """`ssh -R port:…`: a listening socket in her environment; each connection is sent back
-    to the client as a forwarded-tcpip channel."""
+class _Accepting:
+    """Runs `handle` for every connection `listener` accepts, until closed (or the listener
+    ends on the platform's side)."""
 
-    def __init__(self, conn: asyncssh.SSHServerConnection, sock: socket.socket,
+    def __init__(self, listener: Listener, what: str) -> None:
+        self._listener = listener
+        self._what = what
+        self._task: asyncio.Task[None] | None = None
+
+    def _start(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._serve())
+
+    async def _serve(self) -> None:
+        while True:
+            try:
+                sock, peer = await self._listener.accept()
+            except (GatewayError, OSError) as exc:
+                log.info("%s ended: %s", self._what, exc)
+                return
+            background(self._handle(sock, peer))
+
+    async def _handle(self, sock: Any, peer: tuple[str, int]) -> None:
+        raise NotImplementedError
+
+    def _stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+        self._listener.close()
+
+
+class RemoteForward(_Accepting, asyncssh.SSHListener):
+    """`ssh -R port:…`: a listener in her environment; each connection is sent back to the
+    client as a forwarded-tcpip channel."""
+
+    def __init__(self, conn: asyncssh.SSHServerConnection, listener: Listener,
                  listen_host: str, on_close: Any = None) -> None:
-        super().__init__()
+        asyncssh.SSHListener.__init__(self)
+        _Accepting.__init__(self, listener, f"remote forward {listen_host}:{listener.port}")
         self._conn = conn
-        self._sock = sock
         self._host = listen_host
-        self._port = sock.getsockname()[1]
-        self._server: asyncio.AbstractServer | None = None
+        self._port = listener.port
         self._on_close = on_close
 
     async def start(self) -> RemoteForward:
-        self._server = await asyncio.start_server(self._accepted, sock=self._sock)
+        self._start()
         return self
 
     def get_port(self) -> int:
         return self._port
 
-    async def _accepted(self, reader: asyncio.StreamReader,
-                        writer: asyncio.StreamWriter) -> None:
-        peer = writer.get_extra_info("peername") or ("", 0)
+    async def _handle(self, sock: Any, peer: tuple[str, int]) -> None:
+        try:
+            reader, writer = await asyncio.open_connection(sock=sock)
+        except OSError:
+            sock.close()
+            return
         try:
             upstream = await self._conn.open_connection(self._host, self._port, peer[0],
                                                         peer[1])
@@ -77,25 +111,23 @@ class RemoteForward(asyncssh.SSHListener):
         await splice((reader, writer), upstream)
 
     def close(self) -> None:
-        if self._server is not None:
-            self._server.close()
+        self._stop()
         if self._on_close is not None:
             self._on_close(self)
             self._on_close = None
-        self._sock.close()
 
     async def wait_closed(self) -> None:
-        if self._server is not None:
-            await self._server.wait_closed()
+        if self._task is not None:
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
 
 
-class AgentRelay:
+class AgentRelay(_Accepting):
     """The client's ssh-agent as a socket file in her environment, for one connection."""
 
-    def __init__(self, conn: asyncssh.SSHServerConnection, listener: UnixListener) -> None:
+    def __init__(self, conn: asyncssh.SSHServerConnection, listener: Listener) -> None:
+        super().__init__(listener, "agent relay")
         self._conn = conn
-        self._listener = listener
-        self._server: asyncio.AbstractServer | None = None
 
     @property
     def path(self) -> str:
@@ -103,11 +135,15 @@ class AgentRelay:
         return self._listener.path
 
     async def start(self) -> AgentRelay:
-        self._server = await asyncio.start_unix_server(self._accepted, sock=self._listener.sock)
+        self._start()
         return self
 
-    async def _accepted(self, reader: asyncio.StreamReader,
-                        writer: asyncio.StreamWriter) -> None:
+    async def _handle(self, sock: Any, peer: tuple[str, int]) -> None:
+        try:
+            reader, writer = await asyncio.open_unix_connection(sock=sock)
+        except OSError:
+            sock.close()
+            return
         # asyncssh's open_agent_connection() insists on its own (host-side) listener, so the
         # agent channel is opened directly; agent messages are small, one bridge each way
         chan = self._conn.create_agent_channel()
@@ -123,6 +159,10 @@ class AgentRelay:
             chan.write_eof()
         except (OSError, asyncssh.Error):
             chan.close()
+
+    def close(self) -> None:
+        """Stops listening and removes the socket (the connection ended)."""
+        self._stop()
 
 
 class _ToSocket(asyncssh.SSHUNIXSession[bytes]):
@@ -141,8 +181,3 @@ class _ToSocket(asyncssh.SSHUNIXSession[bytes]):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._writer.close()
-
-    def close(self) -> None:
-        if self._server is not None:
-            self._server.close()
-        self._listener.cleanup()

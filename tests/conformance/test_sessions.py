@@ -8,6 +8,7 @@ networks, cgroups, spares, quotas) is tested in tests/test_*.py.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import os
 import shutil
@@ -403,6 +404,34 @@ def test_remote_forward_reaches_the_client_from_inside(live: InProcessGateway) -
         laptop.shutdown()
 
 
+def test_remote_forward_requested_by_a_short_connection_is_not_left(
+        live: InProcessGateway) -> None:
+    """A client that asks for `-R P` and is gone before the answer (the listener is still
+    being made; on Kubernetes that takes an exec): the listener made after the connection
+    ended is closed too, not left listening in her environment."""
+    ports = [free_port() for _ in range(3)]
+
+    async def ask_and_vanish(port: int) -> None:
+        conn = await asyncssh.connect("127.0.0.1", live.port, username="alice",
+                                      client_keys=[str(live.keys["alice"])], known_hosts=None)
+        request = asyncio.ensure_future(conn.forward_remote_port("", port, "127.0.0.1", 9))
+        await asyncio.sleep(0)  # one loop pass: the request is on the wire
+        conn.abort()
+        with contextlib.suppress(asyncssh.Error, asyncssh.ChannelListenError, OSError,
+                                 asyncio.CancelledError):
+            await request
+        await conn.wait_closed()
+
+    for port in ports:
+        asyncio.run(ask_and_vanish(port))
+    # nothing may accept on them: polled, with a deadline
+    probe = " ".join(str(p) for p in ports)
+    r = live.ssh("alice", f"for i in $(seq 100); do left=; for p in {probe}; do "
+                 "(exec 3<>/dev/tcp/127.0.0.1/$p) 2>/dev/null && left=\"$left $p\"; done; "
+                 "[ -z \"$left\" ] && exit 0; sleep 0.1; done; echo $left; exit 1")
+    assert r.returncode == 0, f"still listening in her environment: {r.stdout!r} {r.stderr!r}"
+
+
 def test_agent_forwarding_into_the_environment(live: InProcessGateway, tmp_path) -> None:
     """`ssh -A`: ssh-add inside sees the client's key through a socket in her environment
     (hers alone), none on the gateway host; a key with no-agent-forwarding gets none."""
@@ -426,7 +455,7 @@ def test_agent_forwarding_into_the_environment(live: InProcessGateway, tmp_path)
         lines = r.stdout.splitlines()
         assert fingerprint in lines[0], (r.stdout, r.stderr)
         # her directory, hers alone (the fake backend's processes are the gateway's user)
-        owner = "alice" if live.kind == "docker" else __import__("getpass").getuser()
+        owner = "alice" if live.kind != "fake" else __import__("getpass").getuser()
         assert lines[2].split() == [owner, "700"], r.stdout
         assert lines[1].split()[0] == owner, r.stdout
         assert set(glob.glob(os.path.join(tempfile.gettempdir(), "asyncssh-*"))) == before
@@ -437,6 +466,28 @@ def test_agent_forwarding_into_the_environment(live: InProcessGateway, tmp_path)
     finally:
         agent.terminate()
         agent.wait(10)
+
+
+def test_agent_socket_goes_with_the_connection(live: InProcessGateway, tmp_path) -> None:
+    """The forwarded agent's socket and its private directory exist while the connection
+    does, and are removed when it ends (as sshd removes its agent socket)."""
+    sock = tmp_path / "agent.sock"
+    agent = subprocess.Popen(["ssh-agent", "-D", "-a", str(sock)], stdout=subprocess.DEVNULL)
+    try:
+        assert wait_for(sock.exists, 10)
+        env = {**os.environ, "SSH_AUTH_SOCK": str(sock)}
+        r = subprocess.run(live.ssh_args("alice", None, "-A") + [
+            'test -S "$SSH_AUTH_SOCK" && dirname "$SSH_AUTH_SOCK"'],
+            env=env, capture_output=True, text=True, timeout=60)
+        assert r.returncode == 0 and r.stdout.strip(), (r.stdout, r.stderr)
+        directory = r.stdout.strip()
+    finally:
+        agent.terminate()
+        agent.wait(10)
+    # removed once the gateway has seen the connection end: polled, with a deadline
+    r = live.ssh("alice", f"for i in $(seq 100); do [ -e {directory} ] || exit 0; sleep 0.1; "
+                 "done; exit 1")
+    assert r.returncode == 0, f"{directory} still there after the connection ended"
 
 
 # What VS Code Remote-SSH does on connect: `ssh -T host bash` with a script on stdin that

@@ -31,7 +31,7 @@ from ..base import (
     Limits,
     ProcessSpec,
     Share,
-    UnixListener,
+    SocketListener,
     collect,
 )
 from .direct import DirectExec, DirectProcess, Identity
@@ -426,7 +426,7 @@ class DockerBackend(Backend):
                                "not-running")
         return state, pid
 
-    async def listen_tcp(self, user: str, port: int) -> socket.socket:
+    async def listen_tcp(self, user: str, port: int) -> SocketListener:
         """A listening socket on 127.0.0.1:port in her container's network namespace."""
         state, pid = await self._running(user)
         try:
@@ -437,9 +437,9 @@ class DockerBackend(Backend):
         except (ProcessLookupError, FileNotFoundError) as exc:
             raise BackendError("your container is restarting; try again", str(exc),
                                "not-running") from exc
-        return bind_listen(sock, port)
+        return SocketListener(bind_listen(sock, port))
 
-    async def listen_unix(self, user: str, name: str) -> UnixListener:
+    async def listen_unix(self, user: str, name: str) -> SocketListener:
         """A socket file `name` in a fresh directory under /run/dgw in her container, hers
         alone (a 0700 directory of hers; the socket is hers too).  Made from the host through
         /proc/<pid>/root one directory at a time without following links, below /run, which

@@ -29,7 +29,7 @@ import stat
 from concurrent.futures import ThreadPoolExecutor
 
 from ...errors import os_reason
-from ..base import BackendError, UnixListener
+from ..base import BackendError, SocketListener
 
 CLONE_NEWNET = 0x40000000
 _libc = ctypes.CDLL(None, use_errno=True)
@@ -107,7 +107,7 @@ def bind_listen(sock: socket.socket, port: int) -> socket.socket:
     return sock
 
 
-def unix_listener(pid: int, container_id: str, user: str, name: str) -> UnixListener:
+def unix_listener(pid: int, container_id: str, user: str, name: str) -> SocketListener:
     """See DockerBackend.listen_unix; runs in a worker thread (blocking file calls)."""
     fds: list[int] = []
 
@@ -161,7 +161,7 @@ def unix_listener(pid: int, container_id: str, user: str, name: str) -> UnixList
         os.close(mine)
         os.close(base)
 
-    return UnixListener(sock=sock, path=f"/run/dgw/{token}/{name}", cleanup=cleanup)
+    return SocketListener(sock, f"/run/dgw/{token}/{name}", cleanup)
 
 
 def resolve_in_root(root: int, path: str) -> int:

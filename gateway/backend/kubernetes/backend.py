@@ -31,7 +31,7 @@ import aiohttp
 
 from ...aio import background
 from ...observe.events import Events
-from ..base import Backend, BackendError, EnvState, EnvStats, Limits, ProcessSpec, UnixListener
+from ..base import Backend, BackendError, EnvState, EnvStats, Limits, Listener, ProcessSpec
 from .client import KubeClient, KubeError
 from .process import KubeProcess, frame, helper_command, run_spec
 
@@ -438,28 +438,56 @@ class KubernetesBackend(Backend):
         return theirs
 
     async def open_unix(self, user: str, path: str) -> socket.socket:
-        ws = await self._exec(user, helper_command("unix", {"user": user, "path": path}))
+        return await self._relayed(user, "unix", {"user": user, "path": path},
+                                   f"connect to {path}")
+
+    async def _relayed(self, user: str, mode: str, spec: dict[str, object],
+                       what: str) -> socket.socket:
+        """A socket joined to a helper's relay (`unix`, `take`): once it says `+`."""
+        ws = await self._exec(user, helper_command(mode, spec))
         first = await _first_output(ws)
         if first[0] != 1 or not first[1].startswith(b"+"):
             await ws.close()
             text = first[1].decode(errors="replace").strip() or "refused"
-            raise BackendError(f"cannot connect to {path}: {text}",
-                               f"{user}: unix connect {path}: {text}", "connect-failed")
+            raise BackendError(f"cannot {what}: {text}", f"{user}: {mode} {what}: {text}",
+                               "connect-failed")
         ours, theirs = socket.socketpair()
         ours.setblocking(False)
         theirs.setblocking(False)
         background(_relay_exec(ws, ours, first[1][1:]))
         return theirs
 
-    async def listen_tcp(self, user: str, port: int) -> socket.socket:
-        raise BackendError("remote forwarding is not available on this server",
-                           "kubernetes backend: no listener in the pod's network namespace "
-                           "can be handed to the gateway", "no-netns")
+    async def listen_tcp(self, user: str, port: int) -> Listener:
+        """127.0.0.1:port in her pod, by the helper's `listen` mode (see KubeListener)."""
+        return await self._listen(user, {"user": user, "port": port}, f"port {port}")
 
-    async def listen_unix(self, user: str, name: str) -> UnixListener:
-        raise BackendError("agent forwarding is not available on this server",
-                           "kubernetes backend: no socket in the pod can be handed to the "
-                           "gateway", "unix-listener")
+    async def listen_unix(self, user: str, name: str) -> Listener:
+        return await self._listen(user, {"user": user, "name": name}, "socket")
+
+    async def _listen(self, user: str, spec: dict[str, object], what: str) -> Listener:
+        ws = await self._exec(user, helper_command("listen", spec))
+        out, err = b"", b""
+        try:
+            while b"\n" not in out:
+                msg = await ws.receive()
+                if msg.type != aiohttp.WSMsgType.BINARY:
+                    break
+                if msg.data[:1] == b"\x01":
+                    out += msg.data[1:]
+                elif msg.data[:1] == b"\x02":
+                    err += msg.data[1:]
+        except (OSError, aiohttp.ClientError) as exc:
+            err = err or str(exc).encode()
+        line, _, rest = out.partition(b"\n")
+        fields = line.decode(errors="replace").split()
+        if len(fields) != 3 or not fields[0].startswith("+"):
+            await ws.close()
+            text = err.decode(errors="replace").strip() or "the listener did not start"
+            raise BackendError(f"cannot listen on {what}: {text}",
+                               f"{user}: listen {what}: {text}", "listen-failed")
+        return KubeListener(self, user, ws, port=int(fields[0][1:]),
+                            path="" if fields[1] == "-" else fields[1], ctl=fields[2],
+                            pending=rest)
 
     def aliases(self, user: str) -> set[str]:
         return _LOCAL_NAMES | {f"{user}-devbox", self.pod_name(user), "devbox"}
@@ -509,6 +537,98 @@ class KubernetesBackend(Backend):
 
     async def close(self) -> None:
         await self.kube.close()
+
+
+class KubeListener(Listener):
+    """A listener in her pod: the helper's `listen` mode, run over one exec that lives as
+    long as the listener.
+
+    The helper accepts in the pod and says `c ID HOST PORT` on the exec's stdout; each such
+    connection is fetched with a second exec (`take`: the descriptor itself, passed over a
+    control socket in her private directory) and relayed like `open_unix`.  One exec per
+    connection instead of multiplexing them over the listener's stream: each connection has
+    its stream's own flow control (a slow one stalls no other, no window protocol of ours
+    on v4's channels), and the relay is the one `ssh -L` to a socket path already uses; the
+    cost is an exec's set-up per connection (~60 ms), small next to what `-R` and the agent
+    carry.  `close` ends the exec: the helper stops listening and removes its files; if the
+    exec ends on its own (pod stopped), `accept` raises.
+    """
+
+    def __init__(self, backend: KubernetesBackend, user: str,
+                 ws: aiohttp.ClientWebSocketResponse, *, port: int, path: str, ctl: str,
+                 pending: bytes) -> None:
+        self._backend = backend
+        self._user = user
+        self._ws = ws
+        self.port = port
+        self.path = path
+        self._ctl = ctl
+        self._buf = pending
+        self._ready: asyncio.Queue[tuple[socket.socket, tuple[str, int]] | None] = \
+            asyncio.Queue()
+        self._closed = False
+        self._reader = asyncio.get_running_loop().create_task(self._read())
+
+    async def _read(self) -> None:
+        """The helper's announcements; each connection is fetched in a task of its own."""
+        try:
+            while True:
+                while b"\n" in self._buf:
+                    line, _, self._buf = self._buf.partition(b"\n")
+                    fields = line.decode(errors="replace").split()
+                    if len(fields) == 4 and fields[0] == "c":
+                        background(self._take(fields[1], fields[2], int(fields[3])))
+                msg = await self._ws.receive()
+                if msg.type != aiohttp.WSMsgType.BINARY:
+                    break
+                if msg.data[:1] == b"\x01":
+                    self._buf += msg.data[1:]
+        except (OSError, aiohttp.ClientError, ValueError) as exc:
+            log.info("listener of %s in her pod: %s", self._user, exc)
+        finally:
+            self._ready.put_nowait(None)
+
+    async def _take(self, key: str, host: str, port: int) -> None:
+        try:
+            sock = await self._backend._relayed(
+                self._user, "take", {"user": self._user, "ctl": self._ctl, "id": key},
+                f"take connection {key}")
+        except BackendError as exc:
+            log.info("listener of %s: connection %s lost: %s", self._user, key, exc)
+            return
+        if self._closed:
+            sock.close()
+            return
+        self._ready.put_nowait((sock, ("" if host == "-" else host, port)))
+
+    async def _shutdown(self) -> None:
+        """`e` first: the helper cleans up at once (a websocket close alone reaches it only
+        once the connection is torn down, after aiohttp's close timeout)."""
+        with contextlib.suppress(OSError, RuntimeError, aiohttp.ClientError):
+            await self._ws.send_bytes(b"\x00" + frame(b"e"))
+        await self._ws.close()
+
+    async def accept(self) -> tuple[socket.socket, tuple[str, int]]:
+        item = None if self._closed else await self._ready.get()
+        if item is None:
+            self._ready.put_nowait(None)  # for the next caller too
+            raise BackendError("the listener in your environment ended",
+                               f"{self._user}: listener exec ended", "listener-closed")
+        return item
+
+    def close(self) -> None:
+        """End the exec: the helper's input ends, it stops listening and removes its files."""
+        if self._closed:
+            return
+        self._closed = True
+        self._reader.cancel()
+        self._ready.put_nowait(None)
+        background(self._shutdown())
+        while not self._ready.empty():
+            item = self._ready.get_nowait()
+            if item is not None:
+                item[0].close()
+        self._ready.put_nowait(None)
 
 
 # --- helpers --------------------------------------------------------------------------------

@@ -10,6 +10,17 @@ as root in the pod, drops to the user at once and then:
   exec's own (no copy), the exit status is the exec's (128 + n when killed by signal n).
 - ``unix``: connects to a socket file of hers and relays it (``ssh -L`` to a socket path);
   first byte on stdout: ``+`` connected (else the reason on stderr, exit 1).
+- ``listen``: listens in her pod for ``ssh -R`` (127.0.0.1:port) or the forwarded agent (a
+  socket file), in a fresh 0700 directory of hers under /run/dgw made as root before the
+  helper drops to her; first line ``+PORT PATH CTL``, then ``c ID HOST PORT`` per accepted
+  connection, which waits for a ``take`` through the control socket CTL (a socket file in
+  that directory: only she and root reach it).  Ends, closing and removing everything, when
+  its input ends (the gateway closed the exec, or went away); unclaimed connections are
+  dropped after CLAIM seconds.
+- ``take``: fetches connection ID from a ``listen`` helper's control socket (the file
+  descriptor itself, SCM_RIGHTS) and relays it like ``unix``.  One exec per forwarded
+  connection, so each has the flow control of its own stream and a slow one holds up no
+  other; the price is one exec's set-up (some 60 ms) per connection.
 
 Frame: one type byte, a 4-byte big-endian length, the payload.  ``d`` data, ``e`` end of
 input, ``s`` signal name, ``w`` "rows cols".  A real end of the exec's stdin means the
@@ -34,16 +45,33 @@ import termios
 import time
 
 GRACE = 5.0
+CLAIM = 30.0
 
 
 def main():
     mode, spec = sys.argv[1], json.loads(sys.argv[2])
     pw = pwd.getpwnam(spec["user"])
+    private = None
+    if mode == "listen":
+        try:
+            private = rundir(pw)
+        except OSError as exc:
+            os.write(2, (exc.strerror or str(exc)).encode())
+            return 1
+        pid = os.fork()
+        if pid:  # root stays only to remove her directory (in root's /run/dgw) at the end
+            status = os.waitpid(pid, 0)[1]
+            remove_rundir(private)
+            return os.waitstatus_to_exitcode(status)
     os.initgroups(pw.pw_name, pw.pw_gid)
     os.setgid(pw.pw_gid)
     os.setuid(pw.pw_uid)
     if mode == "unix":
         return relay_unix(spec["path"], pw.pw_uid)
+    if mode == "listen":
+        return listen(spec, private)
+    if mode == "take":
+        return take(spec["ctl"], spec["id"])
     env = {"PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
            "HOME": pw.pw_dir, "USER": pw.pw_name, "LOGNAME": pw.pw_name,
            "HOSTNAME": socket.gethostname()}
@@ -204,6 +232,11 @@ def relay_unix(path, uid):
         os.write(2, (exc.strerror or str(exc)).encode())
         return 1
     write_all(1, b"+")
+    return relay(sock)
+
+
+def relay(sock):
+    """Her socket <-> the exec: framed input in, raw output out."""
     frames = Frames()
     while True:
         r, _, _ = select.select([0, sock], [], [])
@@ -220,6 +253,154 @@ def relay_unix(path, uid):
                     sock.shutdown(socket.SHUT_WR)
             if frames.eof:
                 return 0
+
+
+DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW
+
+
+def rundir(pw):
+    """A fresh 0700 directory of hers under /run/dgw (root's), made as root without following
+    a link; its path."""
+    run = os.open("/run", DIR)
+    try:
+        st = os.fstat(run)
+        if st.st_uid != 0 or st.st_mode & 0o022:
+            raise OSError(0, "/run is not root's")
+        try:
+            os.mkdir("dgw", 0o755, dir_fd=run)
+        except FileExistsError:
+            pass
+        base = os.open("dgw", DIR, dir_fd=run)
+    finally:
+        os.close(run)
+    try:
+        st = os.fstat(base)
+        if st.st_uid != 0 or st.st_mode & 0o022:
+            raise OSError(0, "/run/dgw is not root's")
+        token = os.urandom(8).hex()
+        os.mkdir(token, 0o700, dir_fd=base)
+        os.chown(token, pw.pw_uid, pw.pw_gid, dir_fd=base, follow_symlinks=False)
+    finally:
+        os.close(base)
+    return "/run/dgw/" + token
+
+
+def remove_rundir(path):
+    """Her directory under /run/dgw and the files left in it, no link followed."""
+    base = os.open("/run/dgw", DIR)
+    try:
+        name = os.path.basename(path)
+        fd = os.open(name, DIR, dir_fd=base)
+        try:
+            for entry in os.listdir(fd):
+                try:
+                    os.unlink(entry, dir_fd=fd)
+                except OSError:
+                    pass
+        finally:
+            os.close(fd)
+        os.rmdir(name, dir_fd=base)
+    except OSError:
+        pass
+    finally:
+        os.close(base)
+
+
+def listen(spec, private):
+    ctl_path = private + "/ctl"
+    path = private + "/" + spec["name"] if spec.get("name") else ""
+    pending = {}
+    lsock = ctl = None
+    try:
+        try:
+            if path:
+                lsock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+                lsock.bind(path)
+            else:
+                lsock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+                lsock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                lsock.bind(("127.0.0.1", int(spec["port"])))
+            lsock.listen(64)
+            ctl = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            ctl.bind(ctl_path)
+            ctl.listen(16)
+        except OSError as exc:
+            os.write(2, (exc.strerror or str(exc)).encode())
+            return 1
+        port = 0 if path else lsock.getsockname()[1]
+        write_all(1, f"+{port} {path or '-'} {ctl_path}\n".encode())
+        frames, serial = Frames(), 0
+        while True:
+            now = time.monotonic()
+            for key in [k for k, (_, t) in pending.items() if now - t > CLAIM]:
+                pending.pop(key)[0].close()
+            r, _, _ = select.select([0, lsock, ctl], [], [], 1.0 if pending else None)
+            if lsock in r:
+                try:
+                    conn, peer = lsock.accept()
+                except OSError:
+                    conn = None
+                if conn is not None:
+                    serial += 1
+                    pending[str(serial)] = (conn, now)
+                    host, pport = ("-", 0) if path else peer[:2]
+                    write_all(1, f"c {serial} {host} {pport}\n".encode())
+            if ctl in r:
+                hand_over(ctl, pending)
+            if 0 in r and (any(kind == b"e" for kind, _ in frames.read()) or frames.eof):
+                return 0
+    except OSError:  # the exec's output is gone: so is the gateway
+        return 0
+    finally:
+        for conn, _ in pending.values():
+            conn.close()
+        for s in (lsock, ctl):
+            if s is not None:
+                s.close()
+        for name in (path, ctl_path):  # the directory: root's part of the helper
+            if name:
+                try:
+                    os.unlink(name)
+                except OSError:
+                    pass
+
+
+def hand_over(ctl, pending):
+    """One `take`: it names a pending connection and gets its descriptor."""
+    try:
+        client, _ = ctl.accept()
+    except OSError:
+        return
+    try:
+        client.settimeout(5)
+        key = client.recv(64).decode(errors="replace").strip()
+        item = pending.pop(key, None)
+        if item is not None:
+            socket.send_fds(client, [b"+"], [item[0].fileno()])
+            item[0].close()
+    except OSError:
+        pass
+    finally:
+        client.close()
+
+
+def take(ctl_path, key):
+    try:
+        client = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        client.settimeout(10)
+        client.connect(ctl_path)
+        client.sendall(key.encode() + b"\n")
+        _, fds, _, _ = socket.recv_fds(client, 1, 1)
+        client.close()
+        if not fds:
+            raise OSError(0, "no such connection (closed or taken)")
+        sock = socket.socket(fileno=fds[0])
+        sock.setblocking(True)
+    except OSError as exc:
+        os.write(2, (exc.strerror or str(exc)).encode())
+        return 1
+    write_all(1, b"+")
+    return relay(sock)
 
 
 if __name__ == "__main__":
