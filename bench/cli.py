@@ -16,13 +16,12 @@ import signal
 import subprocess
 import sys
 import time
-import traceback
 from pathlib import Path
 
 from . import chart, measure
 from .measure import FULL, QUICK, STAGES, Plan, say
 from .report import MIB, Results, kept_section, machine, markdown, text_table
-from .rig import ROOT, BenchError, Rig, tail
+from .rig import ROOT, BenchError, Rig, report_failure
 
 DEFAULT_OUT = ROOT / "docs" / "benchmarks.md"
 DEFAULT_IMAGE = "dind-gateway/dind:latest"
@@ -176,11 +175,7 @@ def main(argv: list[str] | None = None) -> int:
         say("interrupted; cleaning up")
         status = 130
     except Exception as exc:  # noqa: BLE001 - report, clean up, show what was measured
-        if not isinstance(exc, BenchError):
-            traceback.print_exc()
-        print(f"bench: FAILED: {exc}", file=sys.stderr, flush=True)
-        print(f"--- gateway log tail ---\n{tail(rig.tmp / 'gateway' / 'gateway.log')}",
-              file=sys.stderr, flush=True)
+        status = report_failure("bench", exc, {"gateway": rig.tmp / "gateway" / "gateway.log"})
         status = 1
     finally:
         signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not skip cleanup

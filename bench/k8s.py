@@ -31,12 +31,11 @@ import signal
 import subprocess
 import sys
 import time
-import traceback
 from pathlib import Path
 
 from .measure import run, say, shell
 from .report import MIB, Results, fmt, machine
-from .rig import ROOT, BenchError, Rig, docker, tail
+from .rig import ROOT, BenchError, Rig, docker, report_failure
 
 DEFAULT_IMAGE = "dind-gateway/dind:latest"
 NODE = os.environ.get("DGW_K8S_NAME", "dgw-k8s-node")
@@ -202,13 +201,9 @@ def main(argv: list[str] | None = None) -> int:
         say("interrupted; cleaning up")
         status = 130
     except Exception as exc:  # noqa: BLE001 - report, clean up, show what was measured
-        if not isinstance(exc, BenchError):
-            traceback.print_exc()
-        print(f"bench k8s: FAILED: {exc}", file=sys.stderr, flush=True)
-        for name, d in (("docker", "gateway"), ("kubernetes", "kubernetes")):
-            print(f"--- {name} gateway log tail ---\n{tail(rig.tmp / d / 'gateway.log')}",
-                  file=sys.stderr, flush=True)
-        status = 1
+        status = report_failure("bench k8s", exc, {
+            "docker gateway": rig.tmp / "gateway" / "gateway.log",
+            "kubernetes gateway": rig.tmp / "kubernetes" / "gateway.log"})
     finally:
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         signal.signal(signal.SIGTERM, signal.SIG_IGN)

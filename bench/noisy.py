@@ -34,7 +34,6 @@ import sys
 import tempfile
 import threading
 import time
-import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -42,7 +41,16 @@ from gateway.config import parse_size
 
 from .measure import run, say
 from .report import MIB, machine, percentile
-from .rig import BenchError, Contender, Rig, _pid_of, docker, remove_labelled, tail, unmount_under
+from .rig import (
+    BenchError,
+    Contender,
+    Rig,
+    _pid_of,
+    docker,
+    remove_labelled,
+    report_failure,
+    unmount_under,
+)
 
 TARGET = 1.5  # bob's latency during abuse, as a multiple of quiet
 MARKER = "dgwnoisy-abuse"  # in the command line of the abuse processes (for the last resort)
@@ -500,12 +508,8 @@ def main(argv: list[str] | None = None) -> int:
         say("interrupted; cleaning up")
         status = 130
     except Exception as exc:  # noqa: BLE001 - report, clean up, show what was measured
-        if not isinstance(exc, BenchError):
-            traceback.print_exc()
-        print(f"bench noisy: FAILED: {exc}", file=sys.stderr, flush=True)
-        print(f"--- gateway log tail ---\n{tail(rig.tmp / 'gateway' / 'gateway.log')}",
-              file=sys.stderr, flush=True)
-        status = 1
+        status = report_failure("bench noisy", exc,
+                                {"gateway": rig.tmp / "gateway" / "gateway.log"})
     finally:
         context.append(f"at the end: load {os.getloadavg()[0]:.1f}, {others()}")
         signal.signal(signal.SIGINT, signal.SIG_IGN)

@@ -103,6 +103,20 @@ def tail(path: Path, n: int = 40) -> str:
         return "(no log)"
 
 
+def report_failure(what: str, exc: BaseException, logs: dict[str, Path]) -> int:
+    """A bench run that failed: the traceback unless it is a BenchError (an expected kind of
+    failure, its message says it all), then each gateway's log tail; the exit status (1)."""
+    import sys
+    import traceback
+
+    if not isinstance(exc, BenchError):
+        traceback.print_exc()
+    print(f"{what}: FAILED: {exc}", file=sys.stderr, flush=True)
+    for name, path in logs.items():
+        print(f"--- {name} log tail ---\n{tail(path)}", file=sys.stderr, flush=True)
+    return 1
+
+
 def docker(*args: str, timeout: float = 120, check: bool = True) -> str:
     """Run the docker CLI; its stdout as text."""
     p = subprocess.run(["docker", *args], capture_output=True, text=True, timeout=timeout,

@@ -36,7 +36,7 @@ from pathlib import Path
 import asyncssh
 
 from .measure import rss_of
-from .rig import BenchError, Rig, tail
+from .rig import BenchError, Rig, report_failure
 
 USER = "soak"
 ECHO_PORT = 47123
@@ -338,10 +338,8 @@ def main(argv: list[str] | None = None) -> int:
         say("interrupted; cleaning up")
         status = 130
     except Exception as exc:  # noqa: BLE001 - report, clean up
-        say(f"FAILED: {type(exc).__name__}: {exc}")
-        print(f"--- gateway log tail ---\n{tail(rig.tmp / 'gateway' / 'gateway.log')}",
-              file=sys.stderr, flush=True)
-        status = 1
+        status = report_failure("bench soak", exc,
+                                {"gateway": rig.tmp / "gateway" / "gateway.log"})
     finally:
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
