@@ -11,7 +11,8 @@
 # with docker.io, apparmor, systemd, linux-image-amd64, ...; cached under $VM_CACHE keyed by
 # a hash of the package list and of this script's image-building code, so a second run skips
 # it) -> the DinD image on the host (scripts/build-images.sh, as $VM_DIND_IMAGE) and its
-# `docker save` as a read-only second disk -> Python wheels of the gateway's dependencies
+# `docker save` (with the gateway's own image, scripts/build-gateway-image.sh) as a read-only
+# second disk -> Python wheels of the gateway's dependencies
 # (cached by pyproject.toml's hash; the guest has no network) and the project's own wheel -> boot a throw-away qcow2
 # overlay with TCG (KVM does not work on this machine: ../shared/notes/vm-here.md), cgroup v2
 # and AppArmor on the kernel command line, no network but forwarded 127.0.0.1 ports (the
@@ -26,7 +27,8 @@
 # guest), DGW_VM_GATEWAY_PORT (host port forwarded to the guest's 2222), DGW_VM_UNIT_PORT (to
 # the guest's 2223, for the packaged gateway), DGW_VM_IMAGE, DGW_VM_DIR (the guest's copy of
 # the project), DGW_VM_PYTHON (its venv's python), DGW_VM_WHEELS (the guest's directory of
-# wheels: the project's own and its dependencies', for an offline `pip install`).
+# wheels: the project's own and its dependencies', for an offline `pip install`),
+# DGW_VM_GATEWAY_IMAGE (the gateway's own image, loaded in the guest's engine).
 set -euo pipefail
 
 VM_SCRIPT_VERSION=1
@@ -35,6 +37,9 @@ VM_CACHE=${VM_CACHE:-/var/cache/dgw-vm}
 VM_MEM=${VM_MEM:-4096}
 VM_SMP=${VM_SMP:-2}
 VM_DIND_IMAGE=${VM_DIND_IMAGE:-dind-gateway/dind:latest}
+# The gateway's own image, built on the host for the guest's compose run and untagged there
+# once saved (other sessions share the host's engine).
+VM_GATEWAY_IMAGE=dgwvm-gateway:$$
 VM_BOOT_TIMEOUT=${VM_BOOT_TIMEOUT:-300}
 SUITE=bookworm
 GUEST_DIR=/root/dgw
@@ -51,6 +56,8 @@ GUEST_PACKAGES=(
     python3 python3-venv e2fsprogs xfsprogs util-linux mount
     # what a rootless-capable host has (not used by the gateway itself) and the test tools
     rootlesskit slirp4netns uidmap rsync curl tar gzip
+    # compose.yaml as Debian 12 runs it (v1, tests/modern/test_compose.py)
+    docker-compose
 )
 
 log() { printf '[vm-host %s] %s\n' "$(date +%H:%M:%S)" "$*" >&2; }
@@ -199,7 +206,15 @@ dind_image() {
     DIND_IMAGE=$VM_DIND_IMAGE bash "$REPO_ROOT/scripts/build-images.sh"
 }
 
-save_dind() { docker save "$VM_DIND_IMAGE" >"$WORK/dind.tar"; }
+gateway_image() {
+    PYTHON=$REPO_ROOT/.venv/bin/python bash "$REPO_ROOT/scripts/build-gateway-image.sh" "$VM_GATEWAY_IMAGE"
+}
+
+# One `docker save` of both: they share the Debian base's layers.
+save_dind() {
+    docker save "$VM_DIND_IMAGE" "$VM_GATEWAY_IMAGE" >"$WORK/dind.tar"
+    docker rmi "$VM_GATEWAY_IMAGE" >/dev/null
+}
 
 wheels() {
     local h py
@@ -251,6 +266,7 @@ teardown() {
     local rc=$?
     cleanup_rootfs
     [ -z "$BUILD_TMP" ] || rm -rf "$BUILD_TMP"
+    docker rmi "$VM_GATEWAY_IMAGE" >/dev/null 2>&1 || true
     if [ -n "$QEMU_PID" ] && kill -0 "$QEMU_PID" 2>/dev/null; then
         log "teardown: stopping qemu (pid $QEMU_PID)"
         kill "$QEMU_PID" 2>/dev/null || true
@@ -347,7 +363,7 @@ copy_project() {
 
 load_dind() {
     # The second disk is `docker save` output (the guest has no registry and no network).
-    gssh "docker load -i /dev/vdb && docker image inspect -f '{{.Id}}' '$VM_DIND_IMAGE'" >&2
+    gssh "docker load -i /dev/vdb && docker image inspect -f '{{.Id}}' '$VM_DIND_IMAGE' '$VM_GATEWAY_IMAGE'" >&2
 }
 
 guest_venv() {
@@ -379,6 +395,7 @@ main() {
     [ "$mode" = build ] && return 0
     WORK=$(mktemp -d /var/tmp/dgwvm.XXXXXX)
     step "dind image (host)" dind_image
+    step "gateway image (host)" gateway_image
     step "docker save" save_dind
     step "wheels" wheels
     step "project wheel" project_wheel
@@ -390,6 +407,7 @@ main() {
     export DGW_VM_SSH_PORT=$SSH_PORT DGW_VM_KEY=$VM_CACHE/id_vm DGW_VM_GATEWAY_PORT=$GW_PORT \
         DGW_VM_GUEST_GATEWAY_PORT=$GUEST_GW_PORT DGW_VM_UNIT_PORT=$UNIT_PORT \
         DGW_VM_GUEST_UNIT_PORT=$GUEST_UNIT_PORT DGW_VM_WHEELS=/root/wheels DGW_VM_IMAGE=$VM_DIND_IMAGE \
+        DGW_VM_GATEWAY_IMAGE=$VM_GATEWAY_IMAGE \
         DGW_VM_DIR=$GUEST_DIR DGW_VM_PYTHON=$GUEST_DIR/.venv/bin/python
     case $mode in
         guest) step "command (guest)" gssh "cd $GUEST_DIR && $(printf '%q ' "$@")" ;;
