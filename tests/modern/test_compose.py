@@ -16,6 +16,7 @@ import secrets
 import shlex
 import socket
 import time
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -103,8 +104,15 @@ def test_compose_file_starts_the_gateway(guest: Guest, compose: Compose,
     assert r.returncode == 0, r.stderr
     lines = r.stdout.decode().splitlines()
     assert lines[0] == "alice in alice-devbox" and "name=rootless" in lines[1], lines
-    print("her container's AppArmor profile:", guest.run(
-        f"docker inspect -f '{{{{.AppArmorProfile}}}}' {c.prefix}-alice").strip())
+    # no apparmor_parser in the gateway's image: dgw-rootless cannot be loaded from there;
+    # the log must say what her container runs under (told in the summary, not asserted)
+    profile = guest.run(f"docker inspect -f '{{{{.AppArmorProfile}}}}' "
+                        f"{c.prefix}-alice").strip()
+    log = guest.run(f"docker logs {c.container} 2>&1")
+    assert ("AppArmor: user containers run unconfined" in log) == (profile == "unconfined"), \
+        (profile, log)
+    warnings.warn(f"containerised gateway on an AppArmor host: her container's AppArmor "
+                  f"profile is {profile!r}", stacklevel=1)
     # the admin command in the service, over the gateway's control socket
     out = c("exec", "-T", "gateway", "dind-gateway", "purge", "alice", "--yes")
     assert "purged alice" in out, out
