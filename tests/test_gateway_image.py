@@ -93,14 +93,17 @@ services:
 
 
 def _privileged_runs(client: docker.DockerClient) -> bool:
-    try:
-        client.containers.run("dind-gateway/base:bookworm", ["true"], privileged=True,
-                              remove=True, name=f"dgwc-probe-{secrets.token_hex(3)}")
+    probe = client.containers.create("dind-gateway/base:bookworm", ["true"], privileged=True,
+                                     name=f"dgwc-probe-{secrets.token_hex(3)}")
+    try:  # (a start that fails leaves the container: run(remove=True) would not remove it)
+        probe.start()
         return True
     except docker.errors.APIError as exc:
         if "unable to apply caps" in str(exc):
             return False
         raise
+    finally:
+        probe.remove(force=True)
 
 
 def _banner(port: int) -> bool:
