@@ -21,6 +21,7 @@ command -v curl >/dev/null || need_pkgs+=(curl)
 command -v git >/dev/null || need_pkgs+=(git)  # tests: git over ssh
 command -v mkfs.xfs >/dev/null || need_pkgs+=(xfsprogs)  # per-user disk quotas
 command -v systemd-analyze >/dev/null || need_pkgs+=(systemd)  # tests: verify the unit
+command -v docker-compose >/dev/null || need_pkgs+=(docker-compose)  # tests: up compose.yaml (v1)
 command -v docker-registry >/dev/null || need_pkgs+=(docker-registry)  # tests: registry mirror
 python3 -c 'import ensurepip, venv' 2>/dev/null || need_pkgs+=(python3-venv)
 if [ ${#need_pkgs[@]} -gt 0 ]; then

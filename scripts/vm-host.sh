@@ -11,8 +11,9 @@
 # with docker.io, apparmor, systemd, linux-image-amd64, ...; cached under $VM_CACHE keyed by
 # a hash of the package list and of this script's image-building code, so a second run skips
 # it) -> the DinD image on the host (scripts/build-images.sh, as $VM_DIND_IMAGE) and its
-# `docker save` as a read-only second disk -> Python wheels of the gateway's dependencies
-# (cached by pyproject.toml's hash; the guest has no network) -> boot a throw-away qcow2
+# `docker save` (with the gateway's own image, scripts/build-gateway-image.sh) as a read-only
+# second disk -> Python wheels of the gateway's dependencies
+# (cached by pyproject.toml's hash; the guest has no network) and the project's own wheel -> boot a throw-away qcow2
 # overlay with TCG (KVM does not work on this machine: ../shared/notes/vm-here.md), cgroup v2
 # and AppArmor on the kernel command line, no network but forwarded 127.0.0.1 ports (the
 # guest's sshd, the gateway's port) -> copy the project in (tar over ssh), `docker load` the
@@ -23,8 +24,11 @@
 #   VM_DIND_IMAGE (dind-gateway/dind:latest; the name build-images.sh builds/tags on the host)
 #   VM_BOOT_TIMEOUT (300 s)  MIRROR (as build-images.sh)  VM_KEEP=1 (keep the work dir)
 # Exported to `host` / `test` commands: DGW_VM_SSH_PORT, DGW_VM_KEY (root's key for the
-# guest), DGW_VM_GATEWAY_PORT (host port forwarded to the guest's 2222), DGW_VM_IMAGE,
-# DGW_VM_DIR (the guest's copy of the project), DGW_VM_PYTHON (its venv's python).
+# guest), DGW_VM_GATEWAY_PORT (host port forwarded to the guest's 2222), DGW_VM_UNIT_PORT (to
+# the guest's 2223, for the packaged gateway), DGW_VM_IMAGE, DGW_VM_DIR (the guest's copy of
+# the project), DGW_VM_PYTHON (its venv's python), DGW_VM_WHEELS (the guest's directory of
+# wheels: the project's own and its dependencies', for an offline `pip install`),
+# DGW_VM_GATEWAY_IMAGE (the gateway's own image, loaded in the guest's engine).
 set -euo pipefail
 
 VM_SCRIPT_VERSION=1
@@ -33,10 +37,14 @@ VM_CACHE=${VM_CACHE:-/var/cache/dgw-vm}
 VM_MEM=${VM_MEM:-4096}
 VM_SMP=${VM_SMP:-2}
 VM_DIND_IMAGE=${VM_DIND_IMAGE:-dind-gateway/dind:latest}
+# The gateway's own image, built on the host for the guest's compose run and untagged there
+# once saved (other sessions share the host's engine).
+VM_GATEWAY_IMAGE=dgwvm-gateway:$$
 VM_BOOT_TIMEOUT=${VM_BOOT_TIMEOUT:-300}
 SUITE=bookworm
 GUEST_DIR=/root/dgw
 GUEST_GW_PORT=2222
+GUEST_UNIT_PORT=2223   # the packaged gateway (systemd unit test), next to the suite's one
 
 GUEST_PACKAGES=(
     # init, devices, network (only the forwarded ports), ssh in
@@ -48,6 +56,8 @@ GUEST_PACKAGES=(
     python3 python3-venv e2fsprogs xfsprogs util-linux mount
     # what a rootless-capable host has (not used by the gateway itself) and the test tools
     rootlesskit slirp4netns uidmap rsync curl tar gzip
+    # compose.yaml as Debian 12 runs it (v1, tests/modern/test_compose.py)
+    docker-compose
 )
 
 log() { printf '[vm-host %s] %s\n' "$(date +%H:%M:%S)" "$*" >&2; }
@@ -196,7 +206,15 @@ dind_image() {
     DIND_IMAGE=$VM_DIND_IMAGE bash "$REPO_ROOT/scripts/build-images.sh"
 }
 
-save_dind() { docker save "$VM_DIND_IMAGE" >"$WORK/dind.tar"; }
+gateway_image() {
+    PYTHON=$REPO_ROOT/.venv/bin/python bash "$REPO_ROOT/scripts/build-gateway-image.sh" "$VM_GATEWAY_IMAGE"
+}
+
+# One `docker save` of both: they share the Debian base's layers.
+save_dind() {
+    docker save "$VM_DIND_IMAGE" "$VM_GATEWAY_IMAGE" >"$WORK/dind.tar"
+    docker rmi "$VM_GATEWAY_IMAGE" >/dev/null
+}
 
 wheels() {
     local h py
@@ -221,13 +239,23 @@ wheels() {
     mv "$WHEELS.tmp" "$WHEELS"
 }
 
+# The project's own wheel (what an admin installs: tests/modern/test_systemd_unit.py), built
+# from the same tree copy_project ships. Not cached: it is this working tree, built each run.
+project_wheel() {
+    mkdir -p "$WORK/src" "$WORK/project-wheel"
+    project_tar | tar -x -C "$WORK/src"
+    "$REPO_ROOT/.venv/bin/python" -m pip wheel -q --no-deps -w "$WORK/project-wheel" "$WORK/src"
+    rm -rf "$WORK/src"
+    ls "$WORK"/project-wheel/dind_gateway-*.whl >&2
+}
+
 # ------------------------------------------------------------------------------ the VM
 
-# Two distinct free loopback ports, both sockets held while the kernel picks (one call each
+# Three distinct free loopback ports, all sockets held while the kernel picks (one call each
 # could hand out the same port twice: CI failed once on exactly that).
 free_ports() { "$REPO_ROOT/.venv/bin/python" -c '
 import socket
-socks = [socket.socket() for _ in range(2)]
+socks = [socket.socket() for _ in range(3)]
 for s in socks:
     s.bind(("127.0.0.1", 0))
 print(" ".join(str(s.getsockname()[1]) for s in socks))'; }
@@ -238,6 +266,7 @@ teardown() {
     local rc=$?
     cleanup_rootfs
     [ -z "$BUILD_TMP" ] || rm -rf "$BUILD_TMP"
+    docker rmi "$VM_GATEWAY_IMAGE" >/dev/null 2>&1 || true
     if [ -n "$QEMU_PID" ] && kill -0 "$QEMU_PID" 2>/dev/null; then
         log "teardown: stopping qemu (pid $QEMU_PID)"
         kill "$QEMU_PID" 2>/dev/null || true
@@ -277,7 +306,7 @@ boot() {
 }
 
 boot_once() {
-    read -r SSH_PORT GW_PORT < <(free_ports)
+    read -r SSH_PORT GW_PORT UNIT_PORT < <(free_ports)
     qemu-img create -q -f qcow2 -b "$IMG_DIR/disk.img" -F raw "$WORK/overlay.qcow2"
     # -accel tcg: /dev/kvm here is kvm_pvm, which runs no stock kernel (vm-here.md).
     # restrict=on: no network for the guest; only the forwarded 127.0.0.1 ports reach it.
@@ -287,11 +316,11 @@ boot_once() {
         -append 'root=/dev/vda rw console=ttyS0 net.ifnames=0 systemd.unified_cgroup_hierarchy=1 apparmor=1 security=apparmor panic=-1' \
         -drive "file=$WORK/overlay.qcow2,format=qcow2,if=virtio,cache=unsafe,discard=unmap" \
         -drive "file=$WORK/dind.tar,format=raw,if=virtio,readonly=on" \
-        -netdev "user,id=n0,restrict=on,hostfwd=tcp:127.0.0.1:$SSH_PORT-:22,hostfwd=tcp:127.0.0.1:$GW_PORT-:$GUEST_GW_PORT" \
+        -netdev "user,id=n0,restrict=on,hostfwd=tcp:127.0.0.1:$SSH_PORT-:22,hostfwd=tcp:127.0.0.1:$GW_PORT-:$GUEST_GW_PORT,hostfwd=tcp:127.0.0.1:$UNIT_PORT-:$GUEST_UNIT_PORT" \
         -device virtio-net-pci,netdev=n0 \
         -pidfile "$WORK/qemu.pid" </dev/null >"$WORK/console.log" 2>&1 &
     QEMU_PID=$!
-    log "qemu pid $QEMU_PID; guest ssh on 127.0.0.1:$SSH_PORT, gateway port 127.0.0.1:$GW_PORT"
+    log "qemu pid $QEMU_PID; guest ssh on 127.0.0.1:$SSH_PORT, gateway ports 127.0.0.1:$GW_PORT, 127.0.0.1:$UNIT_PORT"
     # A bounded poll for the guest's sshd (and its engine) to come up.
     local deadline=$((SECONDS + VM_BOOT_TIMEOUT))
     until gssh true 2>/dev/null; do
@@ -325,11 +354,16 @@ project_tar() {
 copy_project() {
     project_tar | gssh "rm -rf $GUEST_DIR && mkdir -p $GUEST_DIR && tar -x -C $GUEST_DIR"
     tar -c -C "$WHEELS/site-packages" . | gssh "mkdir -p /root/site-packages && tar -x -C /root/site-packages"
+    # for `pip install --no-index --find-links /root/wheels dind-gateway` in the guest
+    { find "$WHEELS" -maxdepth 1 -name '*.whl' -printf '%f\0'; } |
+        tar --null -c -C "$WHEELS" -T - |
+        gssh "rm -rf /root/wheels && mkdir -p /root/wheels && tar -x -C /root/wheels"
+    tar -c -C "$WORK/project-wheel" . | gssh "tar -x -C /root/wheels"
 }
 
 load_dind() {
     # The second disk is `docker save` output (the guest has no registry and no network).
-    gssh "docker load -i /dev/vdb && docker image inspect -f '{{.Id}}' '$VM_DIND_IMAGE'" >&2
+    gssh "docker load -i /dev/vdb && docker image inspect -f '{{.Id}}' '$VM_DIND_IMAGE' '$VM_GATEWAY_IMAGE'" >&2
 }
 
 guest_venv() {
@@ -361,15 +395,19 @@ main() {
     [ "$mode" = build ] && return 0
     WORK=$(mktemp -d /var/tmp/dgwvm.XXXXXX)
     step "dind image (host)" dind_image
+    step "gateway image (host)" gateway_image
     step "docker save" save_dind
     step "wheels" wheels
+    step "project wheel" project_wheel
     step "boot to ssh" boot
     step "guest engine" guest_engine
     step "copy project" copy_project
     step "docker load (guest)" load_dind
     step "guest venv" guest_venv
     export DGW_VM_SSH_PORT=$SSH_PORT DGW_VM_KEY=$VM_CACHE/id_vm DGW_VM_GATEWAY_PORT=$GW_PORT \
-        DGW_VM_GUEST_GATEWAY_PORT=$GUEST_GW_PORT DGW_VM_IMAGE=$VM_DIND_IMAGE \
+        DGW_VM_GUEST_GATEWAY_PORT=$GUEST_GW_PORT DGW_VM_UNIT_PORT=$UNIT_PORT \
+        DGW_VM_GUEST_UNIT_PORT=$GUEST_UNIT_PORT DGW_VM_WHEELS=/root/wheels DGW_VM_IMAGE=$VM_DIND_IMAGE \
+        DGW_VM_GATEWAY_IMAGE=$VM_GATEWAY_IMAGE \
         DGW_VM_DIR=$GUEST_DIR DGW_VM_PYTHON=$GUEST_DIR/.venv/bin/python
     case $mode in
         guest) step "command (guest)" gssh "cd $GUEST_DIR && $(printf '%q ' "$@")" ;;

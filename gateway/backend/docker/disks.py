@@ -15,6 +15,16 @@ container as the user's two volumes.  A group's shared volume is one more such d
 ``<prefix>.<group>.<volume>``, holding ``data/`` (see `share_permissions`).  Mounted
 ``nosuid,nodev``.  Everything here needs root on the host, as driving the Docker engine does
 anyway.
+
+The mounts must be in the engine's mount namespace (dockerd bind-mounts the disks into her
+container).  Under systemd's sandboxing (ProtectSystem= and friends, packaging/
+dind-gateway.service) the gateway has a mount namespace of its own, a slave of the host's:
+mounts made there never reach dockerd, whatever MountFlags= says (found under real systemd:
+"failed to mount local volume ... no such file or directory").  DIND_GATEWAY_MOUNT_NS names
+the namespace to mount and unmount in instead (the unit sets /proc/1/ns/mnt: `mount` and
+`umount` run through `nsenter --mount=`); the host's mounts propagate back into the slave, so
+the gateway sees them at the same paths.  Unset: its own (a plain process, or a container with
+the state dir bind-mounted rshared, compose.yaml).
 """
 
 from __future__ import annotations
@@ -56,6 +66,12 @@ def share_permissions(path: Path, gid: int | None) -> None:
 
 class DiskError(Exception):
     """A quota could not be set up or changed; the message says why, for the admin."""
+
+
+def _in_mount_ns(*argv: str) -> tuple[str, ...]:
+    """argv run in DIND_GATEWAY_MOUNT_NS when set (see the module docstring), else as it is."""
+    ns = os.environ.get("DIND_GATEWAY_MOUNT_NS")
+    return ("nsenter", f"--mount={ns}", "--", *argv) if ns else argv
 
 
 async def _run(*argv: str) -> str:
@@ -110,8 +126,8 @@ class Disks:
             await self._create(image, size)
         mnt.mkdir(parents=True, exist_ok=True)
         if _mounted_source(mnt) is None:
-            await _run("mount", "-t", "xfs", "-o", "loop,nosuid,nodev,noatime",
-                       os.fspath(image), os.fspath(mnt))
+            await _run(*_in_mount_ns("mount", "-t", "xfs", "-o", "loop,nosuid,nodev,noatime",
+                                     os.fspath(image), os.fspath(mnt)))
         for sub in subdirs:
             (mnt / sub).mkdir(exist_ok=True)
         if size > self.size(name):
@@ -165,7 +181,7 @@ class Disks:
         """Unmount and delete a disk with all its data (purge)."""
         mnt = self.mountpoint(name)
         if _mounted_source(mnt) is not None:
-            await _run("umount", os.fspath(mnt))
+            await _run(*_in_mount_ns("umount", os.fspath(mnt)))
         self.image(name).unlink(missing_ok=True)
         with contextlib.suppress(FileNotFoundError):
             mnt.rmdir()  # empty once unmounted: home/ and docker/ live on the image
