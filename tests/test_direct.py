@@ -14,6 +14,8 @@ from pathlib import Path
 
 import docker
 
+from gateway.backend.docker.direct import DirectExec
+
 from .conftest import GatewayProc, wait_for
 
 # What the kernel says about the process running it (each `cat` reads its own /proc/self).
@@ -86,3 +88,19 @@ def test_engine_path_when_asked(make_gateway, docker_client: docker.DockerClient
     code, engine = container.exec_run(["sh", "-c", PROBE], user="alice")
     assert r.stdout.decode() == engine.decode()
     assert "through the engine's exec API" in gw.log.read_text()
+
+
+def test_direct_path_does_not_wait_for_a_restart_to_find_runcs_state(tmp_path: Path) -> None:
+    """A gateway started at boot, before the engine's first container made its runc state
+    directory, still takes the direct path for containers runc knows from then on (it used to
+    probe the directory once at start and stay on the engine's exec API until restarted)."""
+    root = tmp_path / "runtime-runc" / "moby"
+    direct = DirectExec.probe(str(root))
+    try:
+        assert direct is not None and not direct.knows("c0ffee")
+        (root / "c0ffee").mkdir(parents=True)
+        (root / "c0ffee" / "state.json").write_text("{}")
+        assert direct.knows("c0ffee") and not direct.knows("other")
+    finally:
+        if direct is not None and direct.exits is not None:
+            direct.exits.close()

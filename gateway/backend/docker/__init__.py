@@ -1,6 +1,7 @@
 """Docker: one DinD container per user (see `backend` for the layout of this package)."""
 
 import logging
+import os
 from typing import Any
 
 from .backend import LABEL_INSTANCE, LABEL_MANAGED, LABEL_OWNER, DockerBackend
@@ -43,8 +44,14 @@ def from_config(config: Any, events: Any) -> DockerBackend:
             raise SystemExit("dind-gateway: process_path: direct needs root, runc on PATH and "
                              "the engine's "
                              f"runc state in {RUNC_ROOT} on this host; use 'auto' or 'engine'")
-        log.info("sessions start %s", f"through runc ({direct.runc}, {direct.root})"
-                 if direct else "through the engine's exec API")
+        if direct is None:
+            log.info("sessions start through the engine's exec API")
+        elif os.path.isdir(direct.root):
+            log.info("sessions start through runc (%s, %s)", direct.runc, direct.root)
+        else:
+            log.info("sessions start through runc (%s) once the engine has its runc state in "
+                     "%s (none yet: its first container makes it); until then through the "
+                     "engine's exec API", direct.runc, direct.root)
     return DockerBackend(
         DockerClient(config.docker_url()), image=config.image, prefix=config.prefix,
         profile=profile, ready_timeout=config.ready_timeout, events=events,

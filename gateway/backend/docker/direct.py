@@ -75,9 +75,12 @@ class DirectExec:
 
     @classmethod
     def probe(cls, root: str = RUNC_ROOT) -> DirectExec | None:
-        """Usable here: root, a runc binary, and the engine's runc state on this host."""
+        """Usable here: root and a runc binary.  The engine's runc state need not exist yet
+        (the engine makes its directory at its first container since boot, after a gateway
+        started at boot): `knows` looks per container, and until runc knows hers a session
+        goes through the engine's exec API."""
         runc = shutil.which("runc")
-        if os.geteuid() != 0 or runc is None or not os.path.isdir(root):
+        if os.geteuid() != 0 or runc is None:
             return None
         return cls(runc, root, ExitWatch.open())
 
