@@ -117,6 +117,15 @@ def report_failure(what: str, exc: BaseException, logs: dict[str, Path]) -> int:
     return 1
 
 
+def _firewall():  # noqa: ANN202 - gateway.backend.docker.firewall.HostFirewall
+    """The gateways' host firewall (default pool: what every gateway of a run uses)."""
+    import ipaddress
+
+    from gateway.backend.docker.firewall import HostFirewall
+
+    return HostFirewall(ipaddress.IPv4Network("10.213.0.0/16"))
+
+
 def docker(*args: str, timeout: float = 120, check: bool = True) -> str:
     """Run the docker CLI; its stdout as text."""
     p = subprocess.run(["docker", *args], capture_output=True, text=True, timeout=timeout,
@@ -237,6 +246,8 @@ class Rig:
     security_profile: str = "hardened"  # for the gateway and the raw/DIY containers alike
     # Per-user caps in users.yaml syntax, over LIMITS (e.g. {"alice": {"disk": "2g"}}).
     limits: dict[str, dict[str, object]] = field(default_factory=dict)
+    # the host firewall's chain (docker/firewall.py) was there before the run: not ours
+    had_firewall: bool = field(default_factory=lambda: _firewall().chain_exists())
 
     # --- names ------------------------------------------------------------------------------
 
@@ -529,6 +540,11 @@ class Rig:
                     proc.wait()
         remove_labelled(self.prefix)
         unmount_under(self.tmp)  # users with `disk:` have quota disks under the state dir
+        # the gateways' INPUT rules stay when they stop, as in production; the run's go
+        fw = _firewall()
+        if fw.iptables and not self.had_firewall:
+            for pool in fw.pools():
+                type(fw)(pool, fw.iptables).remove()
         if self.account_made:
             subprocess.run(["userdel", "--force", self.account], capture_output=True)
         shutil.rmtree(self.tmp, ignore_errors=True)

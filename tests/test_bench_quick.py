@@ -7,6 +7,7 @@ asserted: they are for the full run on a quiet machine (docs/benchmarks.md).
 
 from __future__ import annotations
 
+import ipaddress
 import re
 import subprocess
 import sys
@@ -30,6 +31,10 @@ CONTENDERS = {"cold_login": ("gateway", "raw"), "idle_login": ("gateway", "raw")
 
 
 def test_bench_quick(docker_client: docker.DockerClient, tmp_path: Path) -> None:
+    from gateway.backend.docker.firewall import HostFirewall
+
+    firewall = HostFirewall(ipaddress.IPv4Network("10.213.0.0/16"))
+    had_firewall = firewall.chain_exists()  # another gateway's (or test's): not the run's
     out_md = tmp_path / "benchmarks.md"
     p = subprocess.run([sys.executable, "-m", "bench", "--quick", "--image", IMAGE,
                         "--out", str(out_md)], cwd=ROOT, capture_output=True, text=True,
@@ -77,6 +82,8 @@ def test_bench_quick(docker_client: docker.DockerClient, tmp_path: Path) -> None
     assert docker_client.containers.list(all=True, filters=flt) == []
     assert docker_client.volumes.list(filters=flt) == []
     assert docker_client.networks.list(filters=flt) == []
+    # and so are the host firewall rules its gateways added
+    assert had_firewall or not firewall.chain_exists()
 
 
 ABUSES = ("cpu", "forkbomb", "memory", "disk", "docker")
