@@ -541,10 +541,8 @@ class Rig:
         remove_labelled(self.prefix)
         unmount_under(self.tmp)  # users with `disk:` have quota disks under the state dir
         # the gateways' INPUT rules stay when they stop, as in production; the run's go
-        fw = _firewall()
-        if fw.iptables and not self.had_firewall:
-            for pool in fw.pools():
-                type(fw)(pool, fw.iptables).remove()
+        if not self.had_firewall:
+            _firewall().remove_all()
         if self.account_made:
             subprocess.run(["userdel", "--force", self.account], capture_output=True)
         shutil.rmtree(self.tmp, ignore_errors=True)

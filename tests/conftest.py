@@ -87,9 +87,8 @@ def host_firewall_left_as_found() -> Iterator[None]:
     fw = HostFirewall(ipaddress.IPv4Network("10.213.0.0/16"))
     had_chain = fw.chain_exists()
     yield
-    if fw.iptables and not had_chain:
-        for pool in fw.pools():
-            HostFirewall(pool, fw.iptables).remove()
+    if not had_chain:
+        fw.remove_all()
 
 
 @pytest.fixture(scope="session")

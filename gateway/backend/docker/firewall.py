@@ -86,3 +86,9 @@ class HostFirewall:
                 pass
             self._run("-X", CHAIN)
 
+    def remove_all(self) -> None:
+        """Every pool's rules, then the chain: what a test run or a bench run added, when the
+        host had no chain before it (a real gateway's rules are not theirs to touch)."""
+        for pool in self.pools():
+            HostFirewall(pool, self.iptables).remove()
+
