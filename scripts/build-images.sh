@@ -39,6 +39,9 @@ BASE_PACKAGES=(
     # rootless inner dockerd (the default `rootless` profile): user namespaces via
     # newuidmap/newgidmap (given file capabilities, no setuid), slirp4netns networking
     rootlesskit slirp4netns uidmap libcap2-bin
+    # the gateway's own image (build-gateway-image.sh) is built on this base: per-user disk
+    # quotas (mkfs.xfs) and loading the dgw-rootless AppArmor profile (apparmor_parser)
+    xfsprogs apparmor
 )
 
 log() { printf '[build-images %s] %s\n' "$(date +%H:%M:%S)" "$*" >&2; }
