@@ -155,8 +155,10 @@ def test_compose_file_starts_the_gateway(docker_client: docker.DockerClient,
         conf = yaml.safe_load((etc / "gateway.yaml").read_text())
         conf.update(listen=f"127.0.0.1:{port}", image=IMAGE, prefix=prefix)
         (etc / "gateway.yaml").write_text(yaml.safe_dump(conf))
+        # her `disk:` is a loop-mounted XFS made by the gateway in its container (mkfs.xfs
+        # from the image, the mount propagated back to the host's engine)
         (etc / "users.yaml").write_text(yaml.safe_dump(
-            {"users": {"alice": {"keys": [pubkey(keys["alice"])]}}}))
+            {"users": {"alice": {"keys": [pubkey(keys["alice"])], "disk": "400m"}}}))
         up = dc("up", "-d", "--no-build")
         assert up.returncode == 0, up.stdout + up.stderr
         deadline = time.monotonic() + 60
@@ -170,12 +172,16 @@ def test_compose_file_starts_the_gateway(docker_client: docker.DockerClient,
         gw = GatewayProc(tmp_path, keys, prefix=prefix)
         gw.port = port
         r = gw.ssh("alice", "echo $USER in $(hostname); docker info -f "
-                   "'{{.ServerVersion}} rootless={{range .SecurityOptions}}{{.}} {{end}}'")
+                   "'{{.ServerVersion}} rootless={{range .SecurityOptions}}{{.}} {{end}}'; "
+                   "df -P -BM ~ | tail -1")
         assert r.returncode == 0, (r.stderr, dc("logs").stdout[-3000:])
         lines = r.stdout.decode().splitlines()
         assert lines[0] == "alice in alice-devbox", lines
         assert "name=rootless" in lines[1], lines  # her own daemon, not the host's engine
-        # (no `disk:`: the offline image has no mkfs.xfs, see compose.yaml's header)
+        size_mb = int(lines[2].split()[1].rstrip("M"))
+        assert 330 <= size_mb <= 400, lines  # her 400m quota (less XFS's own metadata)
+        img = state / "disks" / f"{prefix}-alice.img"
+        assert img.exists(), sorted(p.name for p in (state / "disks").iterdir())
         # the admin command inside the compose service, over the gateway's control socket
         purge = dc("exec", "-T", "gateway", "dind-gateway", "purge", "alice", "--yes")
         assert purge.returncode == 0, purge.stdout + purge.stderr
