@@ -22,7 +22,8 @@ DATA_FILES = ("share/dind/Dockerfile", "share/dind/Dockerfile.debian", "share/di
               "share/scripts/build-images.sh", "share/packaging/dind-gateway.service",
               "share/packaging/prometheus.yml", "share/packaging/dind-gateway-alerts.yml",
               "share/packaging/grafana-dashboard.json",
-              "backend/docker/profiles/seccomp-rootless.json")
+              "backend/docker/profiles/seccomp-rootless.json",
+              "backend/docker/profiles/apparmor-rootless")
 
 
 def run(*argv: str | Path, **kw) -> subprocess.CompletedProcess[str]:
