@@ -15,7 +15,7 @@ import logging
 from collections.abc import Callable
 
 from ..aio import background
-from ..backend import Backend, BackendError
+from ..backend import Backend, BackendError, EnvState
 from ..config import UsersConfig
 from ..errors import GatewayError
 from .registry import Activity
@@ -24,6 +24,7 @@ log = logging.getLogger("dind_gateway")
 
 RETRY_MIN = 1.0
 RETRY_MAX = 30.0
+ADOPT_AT_ONCE = 8  # environments stopped or reaped at the same time at start
 
 
 class PlatformUnavailable(GatewayError):
@@ -90,17 +91,32 @@ class Adopter:
 
     async def _adopt(self) -> None:
         """Running environments keep running and their idle clock starts now; those of
-        users who are no longer allowed in are stopped (their data is kept)."""
+        users who are no longer allowed in are stopped (their data is kept).
+
+        Environments are taken in hand `ADOPT_AT_ONCE` at a time: a stop waits for her
+        inner daemon to stop its containers (seconds on Docker, ~13 s for a pod on
+        Kubernetes), and logins wait for adoption, so one at a time made a restart after
+        removing ten users take minutes."""
         users = self.users()
-        for state in await self.backend.list_environments():
+        gate = asyncio.Semaphore(ADOPT_AT_ONCE)
+
+        async def take(state: EnvState) -> None:
             user = users.user(state.user)
-            if not state.running:
-                continue
-            if user is None or user.disabled:
-                log.info("stopping %s's environment: user no longer allowed", state.user)
-                await self.backend.stop(state.user)
-                continue
-            self.activity.touch(state.user)
-            log.info("adopted running environment of %s (%s)", state.user,
-                     state.container_id[:12])
-            await self.backend.reap(state.user)  # before any new session can start
+            async with gate:
+                if user is None or user.disabled:
+                    log.info("stopping %s's environment: user no longer allowed", state.user)
+                    await self.backend.stop(state.user)
+                    return
+                self.activity.touch(state.user)
+                log.info("adopted running environment of %s (%s)", state.user,
+                         state.container_id[:12])
+                await self.backend.reap(state.user)  # before any new session can start
+
+        running = [state for state in await self.backend.list_environments() if state.running]
+        results = await asyncio.gather(*(take(state) for state in running),
+                                       return_exceptions=True)
+        # every environment was tried; the first failure (the platform went away) is the
+        # attempt's: it is retried as a whole, and stop and reap are safe to repeat
+        for result in results:
+            if isinstance(result, BaseException):
+                raise result
