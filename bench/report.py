@@ -114,6 +114,10 @@ class LoadResult:
         return (self.rss_open - self.rss_idle) / self.held if self.held else math.nan
 
 
+LOAD_P95_BOUND = 0.25
+LOAD_P95_TEXT = f"load: p95 login ≤ {LOAD_P95_BOUND}× DIY"
+
+
 @dataclass
 class Results:
     series: dict[tuple[str, str], Series] = field(default_factory=dict)
@@ -161,6 +165,12 @@ class Results:
             per = gw.per_session / MIB
             out.append(("load: ≤ 1 MiB gateway RSS per idle session",
                         f"{per:.2f} MiB", per <= 1.0))
+        diy = self.load.get("diy")
+        if gw is None or diy is None or not diy.p95:
+            out.append((LOAD_P95_TEXT, "not measured", None))
+        else:
+            r = gw.p95 / diy.p95
+            out.append((LOAD_P95_TEXT, f"{r:.2f}×", r <= LOAD_P95_BOUND))
         return out
 
 
