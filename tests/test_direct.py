@@ -12,6 +12,7 @@ import os
 import random
 import re
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -261,3 +262,51 @@ def test_a_pty_login_is_served_by_a_terminal_spare_as_a_fresh_one(
         client.kill()
         client.wait(10)
         gw.ssh("alice", f"pkill -f 'slee[p] {n}$'; true")
+
+
+def _quick_pty(gw: GatewayProc, user: str) -> str:
+    """A short interactive login; who her shell ran as."""
+    args = gw.ssh_args(user, None, "-tt")
+    child = pexpect.spawn(args[0], args[1:], timeout=60, encoding="utf-8",
+                          codec_errors="replace")
+    try:
+        child.sendline('echo "W=$(id -un)="')
+        child.expect(r"W=(\w+)=")
+        who = child.match.group(1)
+        child.sendline("exit")
+        child.expect(pexpect.EOF)
+    finally:
+        child.close()
+    return who
+
+
+def test_terminal_spares_are_hers_and_go_with_her_container(
+        make_gateway, docker_client: docker.DockerClient) -> None:
+    """A terminal spare serves only its user; it is dropped when the gateway stops her
+    container (its runc ends) and is not used after her container restarted under it."""
+    gw = make_gateway()
+    gw.start()
+    for user in ("alice", "bob"):
+        assert gw.ssh(user, "true").returncode == 0
+    alice = docker_client.containers.get(gw.container_name("alice"))
+    assert _quick_pty(gw, "alice") == "alice"
+    assert wait_for(lambda: len(_terminal_spares(alice.id)) == 1, 20)
+    assert _quick_pty(gw, "bob") == "bob"  # his own fresh process, never hers
+    assert gw.log.read_text().count("from a spare (runc") == 0
+    assert len(_terminal_spares(alice.id)) == 1
+
+    # her container restarted behind the gateway's back: the spare died with it
+    alice.restart(timeout=20)
+    assert wait_for(lambda: _terminal_spares(alice.id) == [], 20)
+    assert _quick_pty(gw, "alice") == "alice"
+    assert gw.log.read_text().count("from a spare (runc") == 0
+    assert wait_for(lambda: len(_terminal_spares(alice.id)) == 1, 20)
+    (_, runc), = _terminal_spares(alice.id)
+
+    # the gateway stops her container (admin stop, idle cull): its spares go first
+    r = subprocess.run([sys.executable, "-m", "gateway", "stop", "alice", "--config",
+                        str(gw.config)], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert wait_for(lambda: not Path(f"/proc/{runc}").exists(), 20)
+    assert _quick_pty(gw, "alice") == "alice"  # her container started again
+    assert gw.log.read_text().count("from a spare (runc") == 0
