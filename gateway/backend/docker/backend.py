@@ -41,7 +41,7 @@ from .process import HANGUP_GRACE, KILLER, LIVE, REAPER, DockerProcess, exec_arg
 from .registry import Mirror, RegistryOptions, preload
 from .security import PROFILES, host_config, limit_spec
 from .sockets import NamespaceSockets, bind_listen, unix_connect, unix_listener
-from .spares import SPARE_ARGV, Spares, encode_header
+from .spares import PTY_SPARE_ARGV, SPARE_ARGV, Spares, encode_header
 from .uids import LEGACY, Ids, UidError, UidMap, container_ids
 
 log = logging.getLogger("dind_gateway.backend")
@@ -82,13 +82,15 @@ class DockerBackend(Backend):
         self.subnet_prefix = subnet_prefix
         # the direct process path (direct.py): runc next to the engine, no relay by dockerd.
         # Spares hide the engine's exec start-up (~45 ms); the direct path has its own
-        # (`_direct_spares`: a shell started through runc, waiting for its header).
+        # (`_direct_spares`: a shell started through runc, waiting for its header; one for
+        # terminal sessions, one for the others).
         self.direct = direct
         self.spares = Spares(docker, self.container_name) if prestart and not direct else None
         self._who: dict[str, tuple[tuple[str, str], Identity, dict[str, Any]]] = {}
         self._who_locks: dict[str, asyncio.Lock] = {}
-        # one pre-started direct process per user (as spares.py, through runc)
-        self._direct_spares: dict[str, tuple[tuple[str, str], DirectProcess]] = {}
+        # pre-started direct processes (as spares.py, through runc): at most one per user and
+        # kind, terminal or not, each made after a session of that kind (see `start`)
+        self._direct_spares: dict[tuple[str, bool], tuple[tuple[str, str], DirectProcess]] = {}
         self.disks = Disks(disks_dir) if disks_dir is not None else None
         # each user's own host uid and subordinate range (uids.py); without a file,
         # everybody is uid 1000 as before (only for backends that make no environment)
@@ -202,9 +204,10 @@ class DockerBackend(Backend):
     def _forget(self, user: str) -> None:
         self._ready.pop(user, None)
         self._who.pop(user, None)
-        spare = self._direct_spares.pop(user, None)
-        if spare is not None:
-            spare[1].close()
+        for tty in (False, True):
+            spare = self._direct_spares.pop((user, tty), None)
+            if spare is not None:
+                spare[1].close()
         if self.spares is not None:
             self.spares.drop(user)
 
@@ -232,22 +235,29 @@ class DockerBackend(Backend):
         argv, env, pidfile = exec_argv(spec)
         workdir = spec.workdir or f"/home/{user}"
         if self.direct is not None:
-            spare = self._direct_spares.pop(user, None)
-            usable = not spec.tty and workdir == f"/home/{user}"
-            if spare is not None and (not usable or not spare[1].running
+            # Her next session of the same kind, terminal or not, gets a spare made after
+            # this one: an IDE's many non-terminal sessions use one, her interactive logins
+            # the other.  A terminal spare takes sessions whose wrapper sets the terminal
+            # size (her shell, her command; housekeeping's argv has none).
+            usable = workdir == f"/home/{user}" and (not spec.tty or pidfile is not None)
+            spare = self._direct_spares.pop((user, spec.tty), None) if usable else None
+            if spare is not None and (not spare[1].running
                                       or spare[0] != self._ready.get(user)):
                 spare[1].close()
                 spare = None
             if spare is not None:  # a pre-started shell of hers: it execs what we tell it
                 direct = spare[1]
-                direct.write(encode_header(argv, env))
+                direct.begin(encode_header(argv, env), spec.size)
+                log.debug("session of %s from a spare (runc %d, %s)", user, direct.pid,
+                          "terminal" if spec.tty else "pipes")
                 self._direct_session(direct, user, pidfile)
             else:
                 direct = await self._start_direct(user, argv, spec.tty, env, workdir,
                                                   pidfile, spec.size)
             if direct is not None:
                 if usable:  # the next one's spare starts once this one is over
-                    direct.on_exit = lambda: background(self._replenish_direct(user))
+                    tty = spec.tty
+                    direct.on_exit = lambda: background(self._replenish_direct(user, tty))
                 return direct
         if self.spares is not None and self.spares.usable(user, spec.tty, workdir):
             spare = await self.spares.take(user)
@@ -264,8 +274,8 @@ class DockerBackend(Backend):
         return await self._fresh_exec(user, argv, spec.tty, env, workdir, pidfile)
 
     async def _start_direct(self, user: str, argv: list[str], tty: bool, env: dict[str, str],
-                            workdir: str, pidfile: str | None,
-                            size: tuple[int, int]) -> DirectProcess | None:
+                            workdir: str, pidfile: str | None, size: tuple[int, int],
+                            header: bool = False) -> DirectProcess | None:
         """Her process through runc (direct.py), or None where runc here does not manage her
         container (the engine's exec API is used then)."""
         assert self.direct is not None
@@ -281,7 +291,8 @@ class DockerBackend(Backend):
                         "goes through the engine", user, exc)
             return None
         try:
-            proc = await self.direct.start(ready[0], base, who, argv, env, workdir, tty, size)
+            proc = await self.direct.start(ready[0], base, who, argv, env, workdir, tty, size,
+                                           header)
         except OSError as exc:
             raise BackendError("your session could not be started; please tell your admin",
                                f"runc exec for {user}: {exc}", "exec-failed") from exc
@@ -294,28 +305,31 @@ class DockerBackend(Backend):
             proc.kill_leftovers = lambda: self._kill_session(user, pidfile)
         return proc
 
-    async def _replenish_direct(self, user: str) -> None:
+    async def _replenish_direct(self, user: str, tty: bool) -> None:
         """A spare on the direct path: her shell, started through runc in her home, waiting
-        for one header line on stdin (spares.py) — a warm session then skips runc's start-up.
-        Best effort, never raises."""
+        for one header line (spares.py) on stdin, or for a terminal spare on fd 3 — a warm
+        session then skips runc's start-up.  A terminal spare starts at 80x24; `begin` gives
+        it the session's size.  Best effort, never raises."""
         ready = self._ready.get(user)
-        if user in self._direct_spares or ready is None or self.direct is None:
+        key = (user, tty)
+        if key in self._direct_spares or ready is None or self.direct is None:
             return
+        argv = PTY_SPARE_ARGV if tty else SPARE_ARGV
         try:
-            proc = await self._start_direct(user, list(SPARE_ARGV), False, {},
-                                            f"/home/{user}", None, (80, 24))
+            proc = await self._start_direct(user, list(argv), tty, {}, f"/home/{user}", None,
+                                            (80, 24), header=tty)
         except BackendError as exc:
             log.debug("no direct spare for %s: %s", user, exc)
             return
         if proc is None:
             return
-        old = self._direct_spares.pop(user, None)
+        old = self._direct_spares.pop(key, None)
         if old is not None:
             old[1].close()
         if self._ready.get(user) != ready:
             proc.close()
             return
-        self._direct_spares[user] = (ready, proc)
+        self._direct_spares[key] = (ready, proc)
 
     async def _identity(self, user: str,
                         ready: tuple[str, str]) -> tuple[Identity, dict[str, Any]]:
@@ -502,8 +516,8 @@ class DockerBackend(Backend):
         if self.spares is not None:
             self.spares.drop_all()
         if self.direct is not None:
-            for user in list(self._direct_spares):
-                self._direct_spares.pop(user)[1].close()
+            for key in list(self._direct_spares):
+                self._direct_spares.pop(key)[1].close()
         self.netns.close()
 
     async def stats(self, user: str) -> EnvStats:

@@ -14,7 +14,8 @@ pass on signals and report the exit status, and nothing copies a byte.  A pty se
 exception: runc's terminal in her container, which runc (attached: its console socket is for
 detached runs only) copies to and from a pty pair of the gateway's.  A non-terminal process gets
 the pipes as fds 3, 4, 5 (`--preserve-fds`) and a one-line `sh` moves them onto 0, 1, 2, so
-runc's own stdio (its relay) carry nothing; runc's stderr is kept for its own errors.
+runc's own stdio (its relay) carry nothing; runc's stderr is kept for its own errors.  A
+terminal spare (spares.py) gets one preserved fd, 3: the pipe its header comes on.
 
 The engine API stays the fallback (a remote engine, a gateway in a container without the host's
 /run and runc, `process_path: engine`) and the model for the Kubernetes backend.
@@ -100,12 +101,16 @@ class DirectExec:
 
     async def start(self, container_id: str, base: dict[str, Any], who: Identity,
                     argv: list[str], env: dict[str, str], workdir: str, tty: bool,
-                    size: tuple[int, int] = (80, 24)) -> DirectProcess:
+                    size: tuple[int, int] = (80, 24), header: bool = False) -> DirectProcess:
         """Her process, running (runc's own failures are reported by `DirectProcess.wait`).
 
         Its spec is the container's process with what `docker exec -u USER` replaces: the
         arguments, the environment (hers over the container's), the directory, the terminal
-        and the user (uid, gid and exactly her groups: runc's --user would keep root's)."""
+        and the user (uid, gid and exactly her groups: runc's --user would keep root's).
+
+        `header` (a terminal spare, spares.py): her process also gets the read end of a pipe
+        as fd 3, for the one line `DirectProcess.begin` writes (her terminal cannot carry it:
+        it echoes, and a canonical-mode line ends at 4096 bytes)."""
         spec = dict(base)
         spec["args"] = list(argv) if tty else [*REDIRECT, *argv]
         spec["env"] = _merge_env(base.get("env") or [], env)
@@ -122,7 +127,7 @@ class DirectExec:
             os.write(memfd, json.dumps(spec).encode())
             cmd = [self.runc, "--root", self.root, "exec", "--process", f"/proc/self/fd/{SPEC_FD}"]
             if tty:
-                return await self._start_tty(cmd, container_id, memfd, size)
+                return await self._start_tty(cmd, container_id, memfd, size, header)
             return await self._start_pipes(cmd, container_id, memfd)
         finally:
             os.close(memfd)
@@ -162,33 +167,42 @@ class DirectExec:
             raise
 
     async def _start_tty(self, cmd: list[str], container_id: str, memfd: int,
-                         size: tuple[int, int]) -> DirectProcess:
+                         size: tuple[int, int], header: bool) -> DirectProcess:
         """runc makes her terminal in her container and, attached (`--console-socket` is for
         detached runs only), copies it to and from a pty pair of ours, whose size it follows
         on SIGWINCH."""
         master, slave = pty.openpty()
-        log_r = log_w = -1
+        log_r = log_w = head_r = head_w = -1
         try:
             fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", size[1], size[0], 0, 0))
             ttys.setraw(slave)  # ours only carries bytes: her terminal is the one that echoes
             log_r, log_w = os.pipe()
-            pid = os.posix_spawn(self.runc, [*cmd, container_id],  # noqa: ASYNC221
+            actions = [(os.POSIX_SPAWN_DUP2, slave, 0), (os.POSIX_SPAWN_DUP2, slave, 1),
+                       (os.POSIX_SPAWN_DUP2, log_w, 2), (os.POSIX_SPAWN_DUP2, memfd, SPEC_FD)]
+            extra = []
+            if header:  # above 9, then onto 3 (a pipe made now may be 3 to 9 itself)
+                head_r, head_w = os.pipe()
+                high = fcntl.fcntl(head_r, fcntl.F_DUPFD_CLOEXEC, 10)
+                os.close(head_r)
+                head_r = high
+                actions.append((os.POSIX_SPAWN_DUP2, head_r, 3))
+                extra = ["--preserve-fds", "1"]
+            pid = os.posix_spawn(self.runc, [*cmd, *extra, container_id],  # noqa: ASYNC221
                                  _spawn_env(), setsid=True, setsigdef=_DEFAULT_SIGNALS,
-                                 file_actions=[(os.POSIX_SPAWN_DUP2, slave, 0),
-                                               (os.POSIX_SPAWN_DUP2, slave, 1),
-                                               (os.POSIX_SPAWN_DUP2, log_w, 2),
-                                               (os.POSIX_SPAWN_DUP2, memfd, SPEC_FD)])
+                                 file_actions=actions)
         except BaseException:
-            for fd in (master, log_r):
+            for fd in (master, log_r, head_w):
                 if fd >= 0:
                     os.close(fd)
             raise
         finally:
-            os.close(slave)
-            if log_w >= 0:
-                os.close(log_w)
+            for fd in (slave, log_w, head_r):
+                if fd >= 0:
+                    os.close(fd)
         proc = DirectProcess(pid, tty=True, exits=self.exits)
         proc._master = master
+        if head_w >= 0:
+            proc._header = FdWriter(head_w)
         await proc.attach(write_fd=os.dup(master), read_fds=((1, os.dup(master)),),
                           log_fd=log_r)
         return proc
@@ -254,6 +268,7 @@ class DirectProcess:
         self._readers: list[_Reader] = []
         self._open = 0
         self._writer: FdWriter | None = None
+        self._header: FdWriter | None = None  # a terminal spare's header pipe (fd 3 in hers)
         self._master = -1
         self._log = bytearray()
         self._log_done = asyncio.Event()
@@ -343,10 +358,25 @@ class DirectProcess:
         if self._writer is not None:
             await self._writer.drain()
 
+    def begin(self, header: bytes, size: tuple[int, int]) -> None:
+        """A spare (spares.py) becomes a session: the line it waits for, which makes it `exec`
+        the session's program.  A terminal spare reads it from its own pipe, and its terminal
+        takes the session's size (columns, rows) first; the program's wrapper sets it too
+        (`stty`), so her shell starts at that size whichever comes first."""
+        if self._header is None:
+            self.write(header)
+            return
+        self._resize(size[1], size[0])
+        self._header.write(header)
+        self._header.write_eof()  # closed once written: nothing else ever goes there
+
     # --- control ----------------------------------------------------------------------------
 
     async def resize(self, rows: int, cols: int) -> None:
         """Our pty's size, then SIGWINCH: runc copies it onto her terminal."""
+        self._resize(rows, cols)
+
+    def _resize(self, rows: int, cols: int) -> None:
         if self._master >= 0:
             with contextlib.suppress(OSError):
                 fcntl.ioctl(self._master, termios.TIOCSWINSZ,
@@ -431,6 +461,8 @@ class DirectProcess:
         (setsid, nohup, tmux) lives on."""
         if self._writer is not None:
             self._writer.close()
+        if self._header is not None:  # an unused spare's read ends: it exits
+            self._header.close()
         for r in self._readers:
             if r.transport is not None:
                 r.transport.close()

@@ -9,6 +9,11 @@ then on stdin/stdout/stderr, exit code and signals are exactly those of a fresh 
 
 A spare that is gone (container stopped, restarted) is noticed by an inspect before use and
 replaced by a fresh exec; if the gateway dies, Docker closes the spare's stdin and it exits.
+
+The direct path (direct.py) keeps spares of its own, started through runc, with the same header
+(backend.py `_replenish_direct`), and for interactive logins a *terminal* spare too: a TTY
+process in her home reading the header from fd 3, a pipe runc preserved for it, since her
+terminal would echo the line and cut it at 4096 bytes (`PTY_SPARE_ARGV`).
 """
 
 from __future__ import annotations
@@ -25,6 +30,10 @@ log = logging.getLogger("dind_gateway.prestart")
 # pipe takes one byte at a time, so nothing of the session's own stdin is consumed.
 SPARE_ARGV = ["/bin/sh", "-c",
               'IFS= read -r dgw_h || exit 0; eval "$(printf \'%b\' "$dgw_h")"', "sh"]
+# A terminal spare of the direct path (direct.py) reads it from fd 3, a pipe of its own: not
+# through its terminal, which would echo it and cut a line at 4096 bytes; fd 3 is closed first.
+PTY_SPARE_ARGV = ["/bin/sh", "-c", 'IFS= read -r dgw_h <&3 || exit 0; exec 3<&-; '
+                  'eval "$(printf \'%b\' "$dgw_h")"', "sh"]
 _SAFE = set(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789_-./:=,@+ ")
 
 
