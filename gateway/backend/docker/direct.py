@@ -54,6 +54,7 @@ RUNC_ROOT = "/run/docker/runtime-runc/moby"  # where dockerd's containerd shim k
 REDIRECT = ["/bin/sh", "-c", 'exec 0<&3 1>&4 2>&5 3<&- 4>&- 5>&-; exec "$@"', "sh"]
 SPEC_FD = 9  # runc reads the process spec from /proc/self/fd/9
 _READ = 256 * 1024
+PIPE_SIZE = 1 << 20  # her stdin and stdout pipes (the default pipe-max-size)
 _HIGH_WATER = 1 << 20  # bytes read but not yet taken before reading pauses
 
 
@@ -141,6 +142,8 @@ class DirectExec:
             err_r, err_w = os.pipe()
             log_r, log_w = os.pipe()
             ends = [in_r, in_w, out_r, out_w, err_r, err_w, log_r, log_w]
+            for fd in (in_w, out_w):
+                _grow_pipe(fd)
             # above 9 first, so that moving them onto 3, 4, 5 cannot overwrite one another
             high = [fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, 10) for fd in (in_r, out_w, err_w)]
             ends += high
@@ -206,6 +209,14 @@ class DirectExec:
         await proc.attach(write_fd=os.dup(master), read_fds=((1, os.dup(master)),),
                           log_fd=log_r)
         return proc
+
+
+def _grow_pipe(fd: int) -> None:
+    """A pipe of PIPE_SIZE rather than the kernel's 64 KiB: fewer, larger reads and writes
+    between her process and the gateway (pages are only taken while bytes wait in it).
+    Best effort: the kernel may refuse (pipe-max-size, a user's pipe page limits)."""
+    with contextlib.suppress(OSError):
+        fcntl.fcntl(fd, fcntl.F_SETPIPE_SZ, PIPE_SIZE)
 
 
 def _merge_env(base: list[str], env: dict[str, str]) -> list[str]:
