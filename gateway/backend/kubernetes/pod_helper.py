@@ -6,8 +6,17 @@ option.  So the gateway sends its input *framed* on the exec's stdin and this he
 as root in the pod, drops to the user at once and then:
 
 - ``run``: starts the program (in a pty of its own when asked) in a new session, as sshd does;
-  frames carry input data, end of input, signals and window sizes; stdout/stderr are the
-  exec's own (no copy), the exit status is the exec's (128 + n when killed by signal n).
+  frames carry input data, end of input, signals and window sizes.  Its output comes back
+  framed on the exec's stdout (``b`` begun, ``o`` stdout, ``r`` stderr), ended by ``x``
+  "status stdout-bytes stderr-bytes" (128 + n when killed by signal n); the helper then waits
+  for the gateway's ``a`` (all of it arrived) before it exits, and keeps the exec's stdout and
+  stderr open until then.  Why: when an exec ends, the cluster (containerd's CRI streaming,
+  the kubelet's and API server's proxies) closes its connection while the output's tail may
+  still be queued in it (the gateway holds reading back while the SSH window is full), and an
+  input frame that arrives after that close is answered with a TCP reset that discards the
+  queue: the tail, the exit status and the close were lost (issue 15).  With the ack the exec
+  ends only when nothing is left in flight, and a stream that still ends without its trailer
+  is known to be cut.
 - ``unix``: connects to a socket file of hers and relays it (``ssh -L`` to a socket path);
   first byte on stdout: ``+`` connected (else the reason on stderr, exit 1).
 - ``listen``: listens in her pod for ``ssh -R`` (127.0.0.1:port) or the forwarded agent (a
@@ -22,8 +31,8 @@ as root in the pod, drops to the user at once and then:
   connection, so each has the flow control of its own stream and a slow one holds up no
   other; the price is one exec's set-up (some 60 ms) per connection.
 
-Frame: one type byte, a 4-byte big-endian length, the payload.  ``d`` data, ``e`` end of
-input, ``s`` signal name, ``w`` "rows cols".  A real end of the exec's stdin means the
+Frame: one type byte, a 4-byte big-endian length, the payload.  Input: ``d`` data, ``e`` end
+of input, ``s`` signal name, ``w`` "rows cols", ``a`` output acknowledged.  A real end of the exec's stdin means the
 gateway went away: like sshd on a lost client, a pty is hung up, a command's input ends,
 and whatever is left of the session after GRACE seconds is killed (its process group).
 
