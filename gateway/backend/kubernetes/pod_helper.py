@@ -32,9 +32,10 @@ as root in the pod, drops to the user at once and then:
   other; the price is one exec's set-up (some 60 ms) per connection.
 
 Frame: one type byte, a 4-byte big-endian length, the payload.  Input: ``d`` data, ``e`` end
-of input, ``s`` signal name, ``w`` "rows cols", ``a`` output acknowledged.  A real end of the exec's stdin means the
-gateway went away: like sshd on a lost client, a pty is hung up, a command's input ends,
-and whatever is left of the session after GRACE seconds is killed (its process group).
+of input, ``s`` signal name, ``w`` "rows cols", ``a`` output acknowledged.  A real end of the
+exec's stdin means the gateway went away: like sshd on a lost client, a pty is hung up, a
+command's input ends, and whatever is left of the session after GRACE seconds is killed (its
+process group).
 
 Standard library only; Python 3.9+ (os.pidfd_open).  Kept small: it is sent with every exec
 as its command line.
