@@ -6,8 +6,17 @@ option.  So the gateway sends its input *framed* on the exec's stdin and this he
 as root in the pod, drops to the user at once and then:
 
 - ``run``: starts the program (in a pty of its own when asked) in a new session, as sshd does;
-  frames carry input data, end of input, signals and window sizes; stdout/stderr are the
-  exec's own (no copy), the exit status is the exec's (128 + n when killed by signal n).
+  frames carry input data, end of input, signals and window sizes.  Its output comes back
+  framed on the exec's stdout (``b`` begun, ``o`` stdout, ``r`` stderr), ended by ``x``
+  "status stdout-bytes stderr-bytes" (128 + n when killed by signal n); the helper then waits
+  for the gateway's ``a`` (all of it arrived) before it exits, and keeps the exec's stdout and
+  stderr open until then.  Why: when an exec ends, the cluster (containerd's CRI streaming,
+  the kubelet's and API server's proxies) closes its connection while the output's tail may
+  still be queued in it (the gateway holds reading back while the SSH window is full), and an
+  input frame that arrives after that close is answered with a TCP reset that discards the
+  queue: the tail, the exit status and the close were lost (issue 15).  With the ack the exec
+  ends only when nothing is left in flight, and a stream that still ends without its trailer
+  is known to be cut.
 - ``unix``: connects to a socket file of hers and relays it (``ssh -L`` to a socket path);
   first byte on stdout: ``+`` connected (else the reason on stderr, exit 1).
 - ``listen``: listens in her pod for ``ssh -R`` (127.0.0.1:port) or the forwarded agent (a
@@ -22,10 +31,11 @@ as root in the pod, drops to the user at once and then:
   connection, so each has the flow control of its own stream and a slow one holds up no
   other; the price is one exec's set-up (some 60 ms) per connection.
 
-Frame: one type byte, a 4-byte big-endian length, the payload.  ``d`` data, ``e`` end of
-input, ``s`` signal name, ``w`` "rows cols".  A real end of the exec's stdin means the
-gateway went away: like sshd on a lost client, a pty is hung up, a command's input ends,
-and whatever is left of the session after GRACE seconds is killed (its process group).
+Frame: one type byte, a 4-byte big-endian length, the payload.  Input: ``d`` data, ``e`` end
+of input, ``s`` signal name, ``w`` "rows cols", ``a`` output acknowledged.  A real end of the
+exec's stdin means the gateway went away: like sshd on a lost client, a pty is hung up, a
+command's input ends, and whatever is left of the session after GRACE seconds is killed (its
+process group).
 
 Standard library only; Python 3.9+ (os.pidfd_open).  Kept small: it is sent with every exec
 as its command line.
@@ -116,6 +126,8 @@ def run(argv, env, tty, rows, cols):
         child_in = slave
     else:
         child_in, master = os.pipe()
+        out_r, out_w = os.pipe()
+        err_r, err_w = os.pipe()
     pid = os.fork()
     if pid == 0:
         os.setsid()
@@ -123,6 +135,9 @@ def run(argv, env, tty, rows, cols):
             fcntl.ioctl(slave, termios.TIOCSCTTY, 0)
             os.dup2(slave, 1)
             os.dup2(slave, 2)
+        else:
+            os.dup2(out_w, 1)
+            os.dup2(err_w, 2)
         os.dup2(child_in, 0)
         os.closerange(3, 1 << 16)
         signal.signal(signal.SIGPIPE, signal.SIG_DFL)
@@ -132,21 +147,35 @@ def run(argv, env, tty, rows, cols):
             os.write(2, f"{argv[0]}: {exc.strerror}\n".encode())
             os._exit(127)
     os.close(child_in)
-    if not tty:  # output goes straight to the exec's stdout/stderr
-        null = os.open(os.devnull, os.O_RDWR)
-        os.dup2(null, 1)
-        os.dup2(null, 2)
+    # Output is relayed as frames on the exec's stdout, ended by the exit status and counts;
+    # then the helper waits for the gateway's ack, so nothing the exec still holds can be cut
+    # off by its end (see the module's doc).
+    out = Output()
+    out.put(b"b")
+    if tty:
+        sources = {master: b"o"}
+    else:
+        os.close(out_w)
+        os.close(err_w)
+        sources = {out_r: b"o", err_r: b"r"}
+        for fd in sources:
+            os.set_blocking(fd, False)
+    # fd 2 (the exec's stderr) stays open, unused, until the helper exits: the runtime
+    # (containerd's CRI exec) ends the exec's stdin as soon as its stdout or stderr ends, and
+    # the helper would then never see the ack.
     os.set_blocking(master, False)
     pidfd = os.pidfd_open(pid)
     frames, pending, status, deadline = Frames(), b"", None, None
     input_open, eof_wanted = not tty, False  # a command's stdin is the pipe `master`
-    while status is None or (tty and master >= 0):
+    while status is None or sources:
         rl = [pidfd] if status is None else []
         if not frames.eof and len(pending) < 1 << 20:
             rl.append(0)
-        if tty and master >= 0:
-            rl.append(master)
+        if out.room():
+            rl += sources
         wl = [master] if pending and master >= 0 and (tty or input_open) else []
+        if out.buf:
+            wl.append(1)
         timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
         r, w, _ = select.select(rl, wl, [], timeout)
         if not r and not w and deadline is not None:  # grace is over: kill what is left
@@ -156,20 +185,32 @@ def run(argv, env, tty, rows, cols):
                 except OSError:
                     pass
             deadline = None
+            for fd in sources:  # and its output: nobody reads it any more
+                os.close(fd)
+            if tty:
+                master = -1
+            sources.clear()
+            out.gone, out.buf = True, b""
             continue
+        if 1 in w:
+            out.flush()
         if pidfd in r:
             status = os.waitpid(pid, 0)[1]
             continue
-        if tty and master in r:
+        for fd in [fd for fd in sources if fd in r]:
             try:
-                data = os.read(master, 65536)
+                data = os.read(fd, 65536)
             except OSError:  # EIO: every holder of the pty's other side is gone
                 data = b""
             if not data:
-                os.close(master)
-                master = -1
+                del sources[fd]
+                if fd != master:
+                    os.close(fd)
+                elif master >= 0:
+                    os.close(master)
+                    master = -1
                 continue
-            write_all(1, data)
+            out.put(sources[fd], data)
         if 0 in r:
             for kind, payload in frames.read():
                 if kind == b"d":
@@ -191,7 +232,11 @@ def run(argv, env, tty, rows, cols):
                         pass
             if frames.eof and deadline is None:  # the gateway is gone: hang up / end input
                 pending = b""
-                if master >= 0:
+                if tty and master >= 0:
+                    sources.pop(master, None)
+                    os.close(master)
+                    master = -1
+                elif master >= 0:
                     os.close(master)
                     master = -1
                 input_open = False
@@ -206,9 +251,50 @@ def run(argv, env, tty, rows, cols):
         if eof_wanted and input_open and not pending:
             os.close(master)
             master, input_open = -1, False
-    if os.WIFSIGNALED(status):
-        return 128 + os.WTERMSIG(status)
-    return os.WEXITSTATUS(status)
+    code = 128 + os.WTERMSIG(status) if os.WIFSIGNALED(status) else os.WEXITSTATUS(status)
+    out.put(b"x", f"{code} {out.sent[b'o']} {out.sent[b'r']}".encode())
+    while out.buf and not out.gone:  # everything out, then the gateway's ack (or its end)
+        r, w, _ = select.select([] if frames.eof else [0], [1], [], GRACE if frames.eof else None)
+        if not r and not w:
+            break
+        if 0 in r:
+            frames.read()
+        out.flush()
+    while not frames.eof and not out.gone:
+        select.select([0], [], [])
+        if any(kind == b"a" for kind, _ in frames.read()):
+            break
+    return code
+
+
+class Output:
+    """The exec's stdout as frames (``b`` begin, ``o`` stdout, ``r`` stderr, ``x`` "status
+    stdout-bytes stderr-bytes"), written without blocking so input and signals are served
+    while the gateway holds output back; ``gone`` once the exec's stdout is."""
+
+    def __init__(self):
+        self.buf = b""
+        self.sent = {b"o": 0, b"r": 0}
+        self.gone = False
+        os.set_blocking(1, False)
+
+    def room(self):  # small: each write copies what is left
+        return len(self.buf) < 1 << 16
+
+    def put(self, kind, data=b""):
+        if kind in self.sent:
+            self.sent[kind] += len(data)
+        if not self.gone:
+            self.buf += kind + struct.pack(">I", len(data)) + data
+            self.flush()
+
+    def flush(self):
+        try:
+            self.buf = self.buf[os.write(1, self.buf):]
+        except BlockingIOError:
+            pass
+        except OSError:  # the exec's stdout is gone: so is the gateway
+            self.buf, self.gone = b"", True
 
 
 def write_all(fd, data):
