@@ -184,6 +184,13 @@ class Results:
             f = self.ratio(t.key, "gateway-local", t.reference)
             if r is not None and f is not None:
                 out.append((t.text, r, f, f <= t.bound if t.op == "<=" else f >= t.bound))
+        p95 = {c: self.series.get(("load_login", c)) for c in ("gateway", "gateway-local", "diy")}
+        if all(s is not None and s.values for s in p95.values()):
+            gw, local, diy = (percentile(p95[c].values, 95) for c in ("gateway",
+                                                                       "gateway-local", "diy"))
+            if diy:
+                out.append((LOAD_P95_TEXT, gw / diy, local / diy,
+                            local / diy <= LOAD_P95_BOUND))
         return out
 
 
