@@ -17,7 +17,7 @@ from gateway.backend import BackendError, Limits
 from gateway.backend.kubernetes import KubeClient, KubernetesBackend
 
 from ..conftest import ROOT, GatewayProc
-from .conftest import BACKENDS, K8S_HOST_PATH, Cluster
+from .conftest import BACKENDS, K8S_HOST_PATH, Cluster, InProcessGateway
 
 pytestmark = pytest.mark.skipif("kubernetes" not in BACKENDS,
                                 reason="the kubernetes backend is not selected")
@@ -133,6 +133,38 @@ def test_exec_output_survives_input_that_ends_after_the_program(
         k8s_cluster.kubectl("delete", "pv", "-l", f"dind-gateway.instance={gw.prefix}",
                             check=False)
     assert results == [(7, str(n).encode(), b"")] * 8, (results, gw.tail())
+
+
+def test_her_pod_holds_no_credentials_and_admits_only_the_gateway(
+        live: InProcessGateway, k8s_cluster: Cluster) -> None:
+    """Her pod gets no service-account token (none mounted, none to mount), the API server
+    answers her anonymous request with 401/403, and her NetworkPolicy admits only the
+    gateway's pods.  (Whether the cluster's network *enforces* that policy is not testable
+    here: the test cluster's bridge CNI does not; README, "NetworkPolicy".)"""
+    import json
+
+    ns, pod = live.prefix, live.container_name("alice")
+    api = k8s_cluster.kubectl("get", "endpoints", "kubernetes", "-o", "jsonpath="
+                              "{.subsets[0].addresses[0].ip}:{.subsets[0].ports[0].port}")
+    assert re.fullmatch(r"[0-9.]+:\d+", api), api
+    r = live.ssh("alice", "ls -d /var/run/secrets/kubernetes.io /run/secrets/kubernetes.io "
+                 "2>/dev/null; echo listed; curl -sk -o /dev/null -w '%{http_code}\\n' "
+                 f"--max-time 10 https://{api}/api/v1/namespaces/{ns}/pods")
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.decode().split()
+    assert lines[0] == "listed", lines  # no secrets directory of any service account
+    assert lines[1] in ("401", "403"), lines  # the API server: anonymous, refused
+    spec = json.loads(k8s_cluster.kubectl("get", "pod", "-n", ns, pod, "-o", "json"))["spec"]
+    assert spec["automountServiceAccountToken"] is False, spec
+    assert not any(v.get("projected") or v.get("secret") for v in spec.get("volumes", [])), \
+        spec["volumes"]
+    policy = json.loads(k8s_cluster.kubectl("get", "networkpolicy", "-n", ns, pod,
+                                            "-o", "json"))["spec"]
+    assert policy["podSelector"]["matchLabels"] == {"dind-gateway.instance": live.prefix,
+                                                    "dind-gateway.owner": "alice"}, policy
+    assert policy["policyTypes"] == ["Ingress"], policy
+    assert policy["ingress"] == [{"from": [{"podSelector": {"matchLabels": {
+        "app.kubernetes.io/name": "dind-gateway"}}}]}], policy
 
 
 def test_bench_k8s_quick(k8s_cluster: Cluster) -> None:
