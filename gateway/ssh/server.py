@@ -17,7 +17,7 @@ import asyncssh
 from ..auth import AuthorizedKey, match_key, verify_password
 from ..config import User
 from ..errors import GatewayError
-from . import forwarding
+from . import forwarding, quickack
 from .certs import Certificate, CertRefused
 from .context import SSHContext
 from .program import Principal
@@ -94,6 +94,9 @@ class Connection(asyncssh.SSHServer):
 
     def connection_made(self, conn: asyncssh.SSHServerConnection) -> None:
         self.conn = conn
+        # no 40 ms delayed-ACK stalls while she logs in (quickack.py); asyncssh keeps its
+        # transport private, and without one (a tunnelled connection) nothing is done
+        quickack.install(getattr(conn, "_transport", None))
         peer = conn.get_extra_info("peername") or ("", 0)
         self.peer, self.peer_port = peer[0], peer[1]
         if self.ctx.guard.admit(self.id, self.peer, conn, versioned=lambda: conn.get_extra_info(
