@@ -4,11 +4,13 @@ backend selected: DGW_CONFORMANCE_BACKENDS=kubernetes)."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import re
 import secrets
 import shlex
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -51,6 +53,28 @@ def test_a_pod_that_cannot_start_is_explained(k8s_cluster: Cluster) -> None:
     assert "ErrImageNeverPull" in message and "event:" in message, message
 
 
+@contextlib.contextmanager
+def _served(k8s_cluster: Cluster, tmp_path: Path, keys: dict[str, Path]) -> Iterator[GatewayProc]:
+    """`dind-gateway serve` on the cluster, in a namespace of its own, alice logged in once;
+    everything it made is removed afterwards."""
+    gw = GatewayProc(tmp_path, keys, backend="kubernetes", security_profile="privileged")
+    gw.settings["kubernetes"] = {"kubeconfig": str(k8s_cluster.kubeconfig),
+                                 "namespace": gw.prefix, "host_path": K8S_HOST_PATH,
+                                 "image_pull_policy": "Never", "home_size": "1g",
+                                 "docker_size": "2g"}
+    k8s_cluster.kubectl("create", "namespace", gw.prefix)
+    try:
+        gw.start()
+        first = gw.ssh("alice", "true", timeout=300)
+        assert first.returncode == 0, first.stderr + gw.tail().encode()
+        yield gw
+    finally:
+        gw.stop()
+        k8s_cluster.kubectl("delete", "namespace", gw.prefix, "--wait=false", check=False)
+        k8s_cluster.kubectl("delete", "pv", "-l", f"dind-gateway.instance={gw.prefix}",
+                            check=False)
+
+
 def test_exec_output_is_complete_in_the_served_gateway(
         k8s_cluster: Cluster, tmp_path: Path, keys: dict[str, Path]) -> None:
     """`dind-gateway serve` as deployed (its own process and default event loop, not the
@@ -63,17 +87,8 @@ def test_exec_output_is_complete_in_the_served_gateway(
     lost them itself, rarely (issue 15): the exec ended while its tail was still queued, and
     an input frame arriving after the close made containerd's side reset the connection; the
     pod helper's trailer and ack keep the exec alive until everything has arrived."""
-    gw = GatewayProc(tmp_path, keys, backend="kubernetes", security_profile="privileged")
-    gw.settings["kubernetes"] = {"kubeconfig": str(k8s_cluster.kubeconfig),
-                                 "namespace": gw.prefix, "host_path": K8S_HOST_PATH,
-                                 "image_pull_policy": "Never", "home_size": "1g",
-                                 "docker_size": "2g"}
-    k8s_cluster.kubectl("create", "namespace", gw.prefix)
     n = 8 << 20
-    try:
-        gw.start()
-        first = gw.ssh("alice", "true", timeout=300)
-        assert first.returncode == 0, first.stderr + gw.tail().encode()
+    with _served(k8s_cluster, tmp_path, keys) as gw:
         results = []
         for _ in range(8):
             # stdout through a pipe read in small sips: the SSH window fills, the gateway
@@ -84,12 +99,7 @@ def test_exec_output_is_complete_in_the_served_gateway(
                  " | dd bs=4k status=none | wc -c"],
                 capture_output=True, timeout=120, stdin=subprocess.DEVNULL)
             results.append((p.returncode, p.stdout.strip()))
-    finally:
-        gw.stop()
-        k8s_cluster.kubectl("delete", "namespace", gw.prefix, "--wait=false", check=False)
-        k8s_cluster.kubectl("delete", "pv", "-l", f"dind-gateway.instance={gw.prefix}",
-                            check=False)
-    assert results == [(7, str(n).encode())] * 8, (results, gw.tail())
+        assert results == [(7, str(n).encode())] * 8, (results, gw.tail())
 
 
 SIP = ("import os, sys, time\n"
@@ -107,17 +117,8 @@ def test_exec_output_survives_input_that_ends_after_the_program(
     with the program; the late frame then reached a closed streaming connection, whose reset
     dropped what was still queued: short output and status 255 (1 in 4 streams before the fix).  Now
     the helper stays until the gateway has acknowledged all of it."""
-    gw = GatewayProc(tmp_path, keys, backend="kubernetes", security_profile="privileged")
-    gw.settings["kubernetes"] = {"kubeconfig": str(k8s_cluster.kubeconfig),
-                                 "namespace": gw.prefix, "host_path": K8S_HOST_PATH,
-                                 "image_pull_policy": "Never", "home_size": "1g",
-                                 "docker_size": "2g"}
-    k8s_cluster.kubectl("create", "namespace", gw.prefix)
     n = 8 << 20
-    try:
-        gw.start()
-        first = gw.ssh("alice", "true", timeout=300)
-        assert first.returncode == 0, first.stderr + gw.tail().encode()
+    with _served(k8s_cluster, tmp_path, keys) as gw:
         results = []
         for _ in range(8):
             p = subprocess.run(
@@ -127,12 +128,7 @@ def test_exec_output_survives_input_that_ends_after_the_program(
                  f"{shlex.quote(SIP)} | wc -c"],
                 capture_output=True, timeout=120, stdin=subprocess.DEVNULL)
             results.append((p.returncode, p.stdout.strip(), p.stderr[-300:]))
-    finally:
-        gw.stop()
-        k8s_cluster.kubectl("delete", "namespace", gw.prefix, "--wait=false", check=False)
-        k8s_cluster.kubectl("delete", "pv", "-l", f"dind-gateway.instance={gw.prefix}",
-                            check=False)
-    assert results == [(7, str(n).encode(), b"")] * 8, (results, gw.tail())
+        assert results == [(7, str(n).encode(), b"")] * 8, (results, gw.tail())
 
 
 def test_her_pod_holds_no_credentials_and_admits_only_the_gateway(
