@@ -165,13 +165,20 @@ class Results:
             per = gw.per_session / MIB
             out.append(("load: ≤ 1 MiB gateway RSS per idle session",
                         f"{per:.2f} MiB", per <= 1.0))
-        diy = self.load.get("diy")
-        if gw is None or diy is None or not diy.p95:
+        r = self.load_p95_ratio("gateway")
+        if r is None:
             out.append((LOAD_P95_TEXT, "not measured", None))
         else:
-            r = gw.p95 / diy.p95
             out.append((LOAD_P95_TEXT, f"{r:.2f}×", r <= LOAD_P95_BOUND))
         return out
+
+    def load_p95_ratio(self, contender: str) -> float | None:
+        """The contender's p95 login under load over DIY's, or None where either is missing."""
+        a, b = self.series.get(("load_login", contender)), self.series.get(("load_login", "diy"))
+        if not a or not b or not a.values or not b.values:
+            return None
+        diy = percentile(b.values, 95)
+        return percentile(a.values, 95) / diy if diy else None
 
 
     def floors(self) -> list[tuple[str, float, float, bool]]:
@@ -184,13 +191,9 @@ class Results:
             f = self.ratio(t.key, "gateway-local", t.reference)
             if r is not None and f is not None:
                 out.append((t.text, r, f, f <= t.bound if t.op == "<=" else f >= t.bound))
-        p95 = {c: self.series.get(("load_login", c)) for c in ("gateway", "gateway-local", "diy")}
-        if all(s is not None and s.values for s in p95.values()):
-            gw, local, diy = (percentile(p95[c].values, 95) for c in ("gateway",
-                                                                       "gateway-local", "diy"))
-            if diy:
-                out.append((LOAD_P95_TEXT, gw / diy, local / diy,
-                            local / diy <= LOAD_P95_BOUND))
+        r, f = self.load_p95_ratio("gateway"), self.load_p95_ratio("gateway-local")
+        if r is not None and f is not None:
+            out.append((LOAD_P95_TEXT, r, f, f <= LOAD_P95_BOUND))
         return out
 
 

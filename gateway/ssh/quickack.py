@@ -10,8 +10,7 @@ login, ended by a bare ACK of the gateway's - most of a 65-110 ms warm login.
 
 So for the first reads of a connection the gateway sets TCP_QUICKACK as each read arrives,
 which sends a pending ACK at once; then it steps aside (the protocol it wraps is put back),
-so a transfer pays no extra system call.  sshd has the same stalls; nothing in the client is
-changed.
+so a transfer pays no extra system call.  Nothing in the client is changed.
 """
 
 from __future__ import annotations

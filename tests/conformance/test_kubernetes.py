@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import re
 import secrets
 import shlex
@@ -137,8 +138,6 @@ def test_her_pod_holds_no_credentials_and_admits_only_the_gateway(
     answers her anonymous request with 401/403, and her NetworkPolicy admits only the
     gateway's pods.  (Whether the cluster's network *enforces* that policy is not testable
     here: the test cluster's bridge CNI does not; README, "NetworkPolicy".)"""
-    import json
-
     ns, pod = live.prefix, live.container_name("alice")
     api = k8s_cluster.kubectl("get", "endpoints", "kubernetes", "-o", "jsonpath="
                               "{.subsets[0].addresses[0].ip}:{.subsets[0].ports[0].port}")
