@@ -175,7 +175,10 @@ def main(argv: list[str] | None = None) -> int:
         say("interrupted; cleaning up")
         status = 130
     except Exception as exc:  # noqa: BLE001 - report, clean up, show what was measured
-        status = report_failure("bench", exc, {"gateway": rig.tmp / "gateway" / "gateway.log"})
+        # every gateway's log: the stage that failed may have been another contender's
+        status = report_failure("bench", exc, {
+            name: rig.tmp / name / "gateway.log" for name in rig.procs
+            if (rig.tmp / name / "gateway.log").exists()})
         status = 1
     finally:
         signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not skip cleanup

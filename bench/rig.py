@@ -114,6 +114,8 @@ def report_failure(what: str, exc: BaseException, logs: dict[str, Path]) -> int:
     print(f"{what}: FAILED: {exc}", file=sys.stderr, flush=True)
     for name, path in logs.items():
         print(f"--- {name} log tail ---\n{tail(path)}", file=sys.stderr, flush=True)
+    if logs:  # after the tails too: the reason is the last line a reader (or a test) sees
+        print(f"{what}: FAILED: {exc}", file=sys.stderr, flush=True)
     return 1
 
 
@@ -471,10 +473,18 @@ class Rig:
 
     @staticmethod
     def _free_subnet() -> str:
-        ids = docker("network", "ls", "-q").split()
-        used = [ipaddress.ip_network(n, strict=False) for n in docker(
-            "network", "inspect", "--format", "{{range .IPAM.Config}}{{.Subnet}} {{end}}",
-            *ids).split() if "." in n]
+        # A network listed can be gone when inspected (a gateway or another run removing
+        # one): that fails the whole inspect, so list again (CI failed on this once).
+        for attempt in range(5):
+            ids = docker("network", "ls", "-q").split()
+            p = subprocess.run(["docker", "network", "inspect", "--format",
+                                "{{range .IPAM.Config}}{{.Subnet}} {{end}}", *ids],
+                               capture_output=True, text=True, timeout=120)
+            if p.returncode == 0:
+                break
+            if "not found" not in p.stderr or attempt == 4:
+                raise BenchError(f"docker network inspect: {p.stderr.strip()}")
+        used = [ipaddress.ip_network(n, strict=False) for n in p.stdout.split() if "." in n]
         for subnet in DIY_NETWORK_POOL.subnets(new_prefix=24):
             if not any(subnet.overlaps(u) for u in used):
                 return str(subnet)

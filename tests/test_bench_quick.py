@@ -30,6 +30,15 @@ CONTENDERS = {"cold_login": ("gateway", "raw"), "idle_login": ("gateway", "raw")
               "par_sftp_get": ("gateway", "gateway-engine", "gateway-local", "plain")}
 
 
+def failure(p: subprocess.CompletedProcess) -> str:
+    """What a failed bench run said: the end of its stdout (the stage it reached), its stderr up
+    to the gateways' log tails (the traceback and the FAILED line) and the end of those tails;
+    the tails alone can be longer than a message's room and hide the reason."""
+    err, _, tails = p.stderr.partition("\n--- ")
+    return (f"stdout (end):\n{p.stdout[-1500:]}\nstderr:\n{err[-4000:]}\n"
+            f"log tails (end):\n{tails[-2500:]}")
+
+
 def test_bench_quick(docker_client: docker.DockerClient, tmp_path: Path) -> None:
     from gateway.backend.docker.firewall import HostFirewall
 
@@ -40,7 +49,7 @@ def test_bench_quick(docker_client: docker.DockerClient, tmp_path: Path) -> None
                         "--out", str(out_md)], cwd=ROOT, capture_output=True, text=True,
                        timeout=600, stdin=subprocess.DEVNULL)
     output = p.stdout + p.stderr
-    assert p.returncode == 0, output[-4000:]
+    assert p.returncode == 0, failure(p)
     for key in MEASUREMENTS:
         for contender in CONTENDERS.get(key, ("gateway", "gateway-engine", "gateway-local", "diy",
                                                    "plain")):
@@ -100,7 +109,7 @@ def test_bench_noisy_quick(docker_client: docker.DockerClient) -> None:
                        cwd=ROOT, capture_output=True, text=True, timeout=600,
                        stdin=subprocess.DEVNULL)
     output = p.stdout + p.stderr
-    assert p.returncode == 0, output[-4000:]
+    assert p.returncode == 0, failure(p)
     for abuse in ABUSES:
         row = (rf"^\| {abuse} \| 2\+2 \|(?: {NUM} s \|){{4}}(?: {NUM}× \|){{2}} \d+ \|"
                r" (met|\*\*not met\*\*) \| (met|\*\*not met\*\*) \|$")
