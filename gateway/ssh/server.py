@@ -17,7 +17,7 @@ import asyncssh
 from ..auth import AuthorizedKey, match_key, verify_password
 from ..config import User
 from ..errors import GatewayError
-from . import forwarding, quickack
+from . import forwarding, quickack, wire
 from .certs import Certificate, CertRefused
 from .context import SSHContext
 from .program import Principal
@@ -97,6 +97,7 @@ class Connection(asyncssh.SSHServer):
         # no 40 ms delayed-ACK stalls while she logs in (quickack.py); asyncssh keeps its
         # transport private, and without one (a tunnelled connection) nothing is done
         quickack.install(getattr(conn, "_transport", None))
+        wire.install(conn)  # one packet per message, not two (wire.py)
         peer = conn.get_extra_info("peername") or ("", 0)
         self.peer, self.peer_port = peer[0], peer[1]
         if self.ctx.guard.admit(self.id, self.peer, conn, versioned=lambda: conn.get_extra_info(
