@@ -70,6 +70,9 @@ def test_the_session_is_runcs_child_not_the_engines(gateway: GatewayProc,
             return [int(p) for p in out.split()]
         assert wait_for(lambda: found(), 60)
         ppid, comm = _host_parent(found()[0])
+        if comm == "python3":  # forked by her session launcher, which runc started
+            assert _is_launcher(ppid)
+            ppid, comm = _host_parent(ppid)
         assert comm == "runc", comm
         assert _host_parent(ppid)[0] == gateway.proc.pid
         assert "through runc" in gateway.log.read_text()
@@ -81,6 +84,70 @@ def test_the_session_is_runcs_child_not_the_engines(gateway: GatewayProc,
         client.kill()
         client.wait(10)
         gateway.ssh("alice", f"pkill -f 'slee[p] {n}$'; true")
+
+
+def _is_launcher(pid: int) -> bool:
+    return Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[:5] == \
+        [b"python3", b"-I", b"-S", b"-", b"dgw-launcher"]
+
+
+def test_later_sessions_are_forked_by_her_launcher_as_docker_exec_makes_them(
+        make_gateway, docker_client: docker.DockerClient) -> None:
+    """After her first session a launcher runs in her container (launcher.py, started through
+    runc); her next non-terminal sessions are its children and, to the kernel, the same
+    process a `docker exec -u alice` makes (user, groups, capabilities, seccomp, cgroup,
+    namespaces, AppArmor, umask, rlimits).  She can kill it: her sessions then start through
+    runc again, and her container's next start gets a new one."""
+    gw = make_gateway()
+    gw.start()
+    assert gw.ssh("alice", "true").returncode == 0
+    assert wait_for(lambda: "session launcher of alice ready" in gw.log.read_text(), 30), \
+        gw.log.read_text()[-3000:]
+    container = docker_client.containers.get(gw.container_name("alice"))
+    r = gw.ssh("alice", PROBE)
+    assert r.returncode == 0, r.stderr
+    assert gw.log.read_text().count("forked by her launcher") == 1
+    code, engine = container.exec_run(["sh", "-c", PROBE], user="alice")
+    assert code == 0, engine
+    assert r.stdout.decode().splitlines() == engine.decode().splitlines()
+    status = dict(line.split(":", 1) for line in r.stdout.decode().splitlines()
+                  if line.startswith(("Uid", "CapEff")))
+    assert status["Uid"].split()[0] != "0" and int(status["CapEff"], 16) == 0
+
+    # seen from the host: her process -> the launcher -> runc -> the gateway; her cgroups
+    n = random.randrange(10_000, 90_000) * 10 + 9
+    client = subprocess.Popen(gw.ssh_args("alice") + [f"exec sleep {n}"], stdin=subprocess.PIPE)
+    try:
+        def found() -> list[int]:
+            out = subprocess.run(["pgrep", "-f", f"^sleep {n}$"], capture_output=True,
+                                 text=True).stdout
+            return [int(p) for p in out.split()]
+        assert wait_for(found, 60)
+        launcher, comm = _host_parent(found()[0])
+        assert comm == "python3" and _is_launcher(launcher)
+        runc, comm = _host_parent(launcher)
+        assert comm == "runc" and _host_parent(runc)[0] == gw.proc.pid
+        init = container.attrs["State"]["Pid"]
+        assert Path(f"/proc/{found()[0]}/cgroup").read_text() == \
+            Path(f"/proc/{init}/cgroup").read_text()
+    finally:
+        client.kill()
+        client.wait(10)
+    # what she sees of it, and what happens when she kills it
+    r = gw.ssh("alice", "ps -eo args | grep -c '^python3 -I -S - dgw-launcher$'; "
+                        "pkill -f '^python3 -I -S - dgw-launcher$'; true")
+    assert r.stdout == b"1\n", r.stdout
+    assert wait_for(lambda: "session launcher of alice ended" in gw.log.read_text(), 20)
+    forked = gw.log.read_text().count("forked by her launcher")
+    r = gw.ssh("alice", "echo still")
+    assert r.returncode == 0 and r.stdout == b"still\n", r.stderr
+    assert gw.log.read_text().count("forked by her launcher") == forked  # through runc
+    container.restart(timeout=20)
+    assert gw.ssh("alice", "true").returncode == 0
+    assert wait_for(lambda: gw.log.read_text().count("session launcher of alice ready") == 2,
+                    60)
+    assert gw.ssh("alice", "true").returncode == 0
+    assert gw.log.read_text().count("forked by her launcher") == forked + 1
 
 
 def test_engine_path_when_asked(make_gateway, docker_client: docker.DockerClient) -> None:

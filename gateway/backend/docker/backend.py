@@ -34,9 +34,10 @@ from ..base import (
     SocketListener,
     collect,
 )
-from .direct import DirectExec, DirectProcess, Identity
+from .direct import DirectExec, DirectProcess, Identity, merge_env
 from .disks import DiskError, Disks, share_permissions
 from .engine import DockerClient, DockerError, EngineUnreachable
+from .launcher import Launcher
 from .process import HANGUP_GRACE, KILLER, LIVE, REAPER, DockerProcess, exec_argv
 from .registry import Mirror, RegistryOptions, preload
 from .security import PROFILES, host_config, limit_spec
@@ -91,6 +92,10 @@ class DockerBackend(Backend):
         # pre-started direct processes (as spares.py, through runc): at most one per user and
         # kind, terminal or not, each made after a session of that kind (see `start`)
         self._direct_spares: dict[tuple[str, bool], tuple[tuple[str, str], DirectProcess]] = {}
+        # her session launcher (launcher.py), and the container start each launch attempt
+        # was for (one attempt per container start: without python3 it is runc throughout)
+        self._launchers: dict[str, Launcher] = {}
+        self._launch_tried: dict[str, tuple[str, str]] = {}
         self.disks = Disks(disks_dir) if disks_dir is not None else None
         # each user's own host uid and subordinate range (uids.py); without a file,
         # everybody is uid 1000 as before (only for backends that make no environment)
@@ -204,6 +209,9 @@ class DockerBackend(Backend):
     def _forget(self, user: str) -> None:
         self._ready.pop(user, None)
         self._who.pop(user, None)
+        launcher = self._launchers.pop(user, None)
+        if launcher is not None:
+            launcher.close()
         for tty in (False, True):
             spare = self._direct_spares.pop((user, tty), None)
             if spare is not None:
@@ -234,6 +242,10 @@ class DockerBackend(Backend):
         user = spec.user
         argv, env, pidfile = exec_argv(spec)
         workdir = spec.workdir or f"/home/{user}"
+        if self.direct is not None and not spec.tty:
+            launched = await self._launch(user, argv, env, workdir, pidfile)
+            if launched is not None:
+                return launched
         if self.direct is not None:
             # Her next session of the same kind, terminal or not, gets a spare made after
             # this one: an IDE's many non-terminal sessions use one, her interactive logins
@@ -305,6 +317,51 @@ class DockerBackend(Backend):
             proc.kill_leftovers = lambda: self._kill_session(user, pidfile)
         return proc
 
+    async def _launch(self, user: str, argv: list[str], env: dict[str, str], workdir: str,
+                      pidfile: str | None) -> DirectProcess | None:
+        """Her non-terminal session forked by her launcher (launcher.py); None while she has
+        none that answers (the first is started then, in the background)."""
+        ready = self._ready.get(user)
+        if ready is None or self.direct is None:
+            return None
+        launcher = self._launchers.get(user)
+        if launcher is not None and (launcher.key != ready or not launcher.alive):
+            self._launchers.pop(user).close()
+            launcher = None
+        if launcher is None:
+            if self._launch_tried.get(user) != ready and self.direct.knows(ready[0]):
+                self._launch_tried[user] = ready
+                background(self._start_launcher(user, ready))
+            return None
+        who, base = await self._identity(user, ready)
+        proc = await launcher.spawn(argv, merge_env(base.get("env") or [], env), workdir)
+        if proc is None:
+            return None
+        log.debug("session of %s forked by her launcher (pid %d)", user, proc.pid)
+        return self._direct_session(proc, user, pidfile)
+
+    async def _start_launcher(self, user: str, ready: tuple[str, str]) -> None:
+        """Best effort, never raises: without a launcher her sessions start through runc."""
+        assert self.direct is not None
+        try:
+            who, base = await self._identity(user, ready)
+            launcher = await Launcher.start(self.direct, ready, user, base, who)
+        except Exception as exc:  # noqa: BLE001 - logged; sessions go through runc
+            log.warning("no session launcher for %s: %r", user, exc)
+            return
+        if launcher is None:
+            return
+        if self._ready.get(user) != ready:
+            launcher.close()
+            return
+        old = self._launchers.pop(user, None)
+        if old is not None:
+            old.close()
+        self._launchers[user] = launcher
+        spare = self._direct_spares.pop((user, False), None)  # not needed any more
+        if spare is not None:
+            spare[1].close()
+
     async def _replenish_direct(self, user: str, tty: bool) -> None:
         """A spare on the direct path: her shell, started through runc in her home, waiting
         for one header line (spares.py) on stdin, or for a terminal spare on fd 3 — a warm
@@ -314,6 +371,9 @@ class DockerBackend(Backend):
         key = (user, tty)
         if key in self._direct_spares or ready is None or self.direct is None:
             return
+        launcher = self._launchers.get(user)
+        if not tty and launcher is not None and launcher.alive and launcher.key == ready:
+            return  # her launcher starts these
         argv = PTY_SPARE_ARGV if tty else SPARE_ARGV
         try:
             proc = await self._start_direct(user, list(argv), tty, {}, f"/home/{user}", None,
@@ -518,6 +578,8 @@ class DockerBackend(Backend):
         if self.direct is not None:
             for key in list(self._direct_spares):
                 self._direct_spares.pop(key)[1].close()
+        for user in list(self._launchers):
+            self._launchers.pop(user).close()
         self.netns.close()
 
     async def stats(self, user: str) -> EnvStats:

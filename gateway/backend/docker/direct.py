@@ -112,24 +112,56 @@ class DirectExec:
         `header` (a terminal spare, spares.py): her process also gets the read end of a pipe
         as fd 3, for the one line `DirectProcess.begin` writes (her terminal cannot carry it:
         it echoes, and a canonical-mode line ends at 4096 bytes)."""
-        spec = dict(base)
-        spec["args"] = list(argv) if tty else [*REDIRECT, *argv]
-        spec["env"] = _merge_env(base.get("env") or [], env)
-        spec["cwd"] = workdir
-        spec["terminal"] = tty
-        spec["user"] = {"uid": who.uid, "gid": who.gid,
-                        "additionalGids": list(dict.fromkeys((who.gid, *who.groups)))}
-        spec.pop("consoleSize", None)
+        spec = _spec(base, who, list(argv) if tty else [*REDIRECT, *argv], env, workdir, tty)
         if tty:
             spec["consoleSize"] = {"height": size[1], "width": size[0]}
-        # the spec goes in a memfd as fd 9: no file to clean up, no size limit of a pipe
-        memfd = os.memfd_create("dgw-process", os.MFD_CLOEXEC)
+        memfd = _spec_fd(spec)
         try:
-            os.write(memfd, json.dumps(spec).encode())
-            cmd = [self.runc, "--root", self.root, "exec", "--process", f"/proc/self/fd/{SPEC_FD}"]
             if tty:
-                return await self._start_tty(cmd, container_id, memfd, size, header)
-            return await self._start_pipes(cmd, container_id, memfd)
+                return await self._start_tty(self._cmd(), container_id, memfd, size, header)
+            return await self._start_pipes(self._cmd(), container_id, memfd)
+        finally:
+            os.close(memfd)
+
+    def _cmd(self) -> list[str]:
+        return [self.runc, "--root", self.root, "exec", "--process", f"/proc/self/fd/{SPEC_FD}"]
+
+    async def start_with_socket(self, container_id: str, base: dict[str, Any], who: Identity,
+                                argv: list[str], sock_fd: int, stdin: bytes) -> DirectProcess:
+        """A helper of the gateway's in her container (the session launcher, launcher.py),
+        started as her sessions are, with `sock_fd` as its fd 3, `stdin` (< 64 KiB: one pipe
+        buffer) then EOF on its stdin and nothing on its stdout; runc's stderr and its own are
+        kept for the log."""
+        memfd = _spec_fd(_spec(base, who, argv, {}, "/", False))
+        ends: list[int] = []
+        try:
+            log_r, log_w = os.pipe()
+            in_r, in_w = os.pipe()
+            ends = [log_r, log_w, in_r, in_w]
+            os.write(in_w, stdin)
+            os.close(in_w)
+            ends.remove(in_w)
+            high = fcntl.fcntl(sock_fd, fcntl.F_DUPFD_CLOEXEC, 10)
+            ends.append(high)
+            null = os.open(os.devnull, os.O_RDWR | os.O_CLOEXEC)
+            ends.append(null)
+            actions = [(os.POSIX_SPAWN_DUP2, in_r, 0), (os.POSIX_SPAWN_DUP2, null, 1),
+                       (os.POSIX_SPAWN_DUP2, log_w, 2), (os.POSIX_SPAWN_DUP2, high, 3),
+                       (os.POSIX_SPAWN_DUP2, memfd, SPEC_FD)]
+            pid = os.posix_spawn(self.runc, [*self._cmd(), "--preserve-fds", "1",  # noqa: ASYNC221
+                                             container_id], _spawn_env(),
+                                 file_actions=actions, setsigdef=_DEFAULT_SIGNALS)
+            for fd in (log_w, in_r, high, null):
+                os.close(fd)
+                ends.remove(fd)
+            proc = DirectProcess(pid, tty=False, exits=None)
+            await proc.attach(write_fd=-1, read_fds=(), log_fd=log_r)
+            return proc
+        except BaseException:
+            for fd in ends:
+                with contextlib.suppress(OSError):
+                    os.close(fd)
+            raise
         finally:
             os.close(memfd)
 
@@ -143,7 +175,7 @@ class DirectExec:
             log_r, log_w = os.pipe()
             ends = [in_r, in_w, out_r, out_w, err_r, err_w, log_r, log_w]
             for fd in (in_w, out_w):
-                _grow_pipe(fd)
+                grow_pipe(fd)
             # above 9 first, so that moving them onto 3, 4, 5 cannot overwrite one another
             high = [fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, 10) for fd in (in_r, out_w, err_w)]
             ends += high
@@ -211,7 +243,7 @@ class DirectExec:
         return proc
 
 
-def _grow_pipe(fd: int) -> None:
+def grow_pipe(fd: int) -> None:
     """A pipe of PIPE_SIZE rather than the kernel's 64 KiB: fewer, larger reads and writes
     between her process and the gateway (pages are only taken while bytes wait in it).
     Best effort: the kernel may refuse (pipe-max-size, a user's pipe page limits)."""
@@ -219,7 +251,32 @@ def _grow_pipe(fd: int) -> None:
         fcntl.fcntl(fd, fcntl.F_SETPIPE_SZ, PIPE_SIZE)
 
 
-def _merge_env(base: list[str], env: dict[str, str]) -> list[str]:
+def _spec(base: dict[str, Any], who: Identity, args: list[str], env: dict[str, str],
+          workdir: str, tty: bool) -> dict[str, Any]:
+    """The container's process spec with what `docker exec -u USER` replaces."""
+    spec = dict(base)
+    spec["args"] = args
+    spec["env"] = merge_env(base.get("env") or [], env)
+    spec["cwd"] = workdir
+    spec["terminal"] = tty
+    spec["user"] = {"uid": who.uid, "gid": who.gid,
+                    "additionalGids": list(dict.fromkeys((who.gid, *who.groups)))}
+    spec.pop("consoleSize", None)
+    return spec
+
+
+def _spec_fd(spec: dict[str, Any]) -> int:
+    """The spec in a memfd (runc's fd 9): no file to clean up, no size limit of a pipe."""
+    memfd = os.memfd_create("dgw-process", os.MFD_CLOEXEC)
+    try:
+        os.write(memfd, json.dumps(spec).encode())
+    except BaseException:
+        os.close(memfd)
+        raise
+    return memfd
+
+
+def merge_env(base: list[str], env: dict[str, str]) -> list[str]:
     """The container's variables, hers replacing any of the same name (as Docker's exec)."""
     merged = {item.split("=", 1)[0]: item for item in base}
     merged.update({k: f"{k}={v}" for k, v in env.items()})
@@ -256,7 +313,8 @@ class _Reader(asyncio.Protocol):
 class DirectProcess:
     """`Process` over a runc child (see backend.base.Process)."""
 
-    def __init__(self, pid: int, *, tty: bool, exits: ExitWatch | None = None) -> None:
+    def __init__(self, pid: int, *, tty: bool, exits: ExitWatch | None = None,
+                 child: bool = True) -> None:
         self.pid = pid  # runc's: our child, so the number is ours until we reap it
         self.tty = tty
         self.exit_signal: tuple[str, bool] | None = None  # (name, core dumped): see wait()
@@ -271,8 +329,10 @@ class DirectProcess:
         self._hung_up = False
         self._status: int | None = None
         self._exited = asyncio.get_running_loop().create_future()
-        self._pidfd = os.pidfd_open(pid)
-        asyncio.get_running_loop().add_reader(self._pidfd, self._reap)
+        self._pidfd = -1
+        if child:  # else a subclass learns of the end otherwise (launcher.py)
+            self._pidfd = os.pidfd_open(pid)
+            asyncio.get_running_loop().add_reader(self._pidfd, self._reap)
         self._queue: deque[tuple[int, bytes]] = deque()
         self._queued = 0
         self._more = asyncio.Event()
@@ -288,14 +348,19 @@ class DirectProcess:
 
     async def attach(self, *, write_fd: int, read_fds: tuple[tuple[int, int], ...],
                      log_fd: int) -> None:
+        """Her stdin (-1: none), her output streams and runc's stderr (-1: no runc)."""
         loop = asyncio.get_running_loop()
         for stream, fd in read_fds:
             reader = _Reader(self, stream)
             self._readers.append(reader)
             self._open += 1
             await loop.connect_read_pipe(lambda r=reader: r, os.fdopen(fd, "rb", buffering=0))
-        self._writer = FdWriter(write_fd)
-        background(self._collect_log(log_fd))
+        if write_fd >= 0:
+            self._writer = FdWriter(write_fd)
+        if log_fd >= 0:
+            background(self._collect_log(log_fd))
+        else:
+            self._log_done.set()
 
     async def _collect_log(self, fd: int) -> None:
         """runc's own stderr: empty unless runc itself failed."""
@@ -493,7 +558,7 @@ class DirectProcess:
         except TimeoutError:
             if self.kill_leftovers is not None:
                 await self.kill_leftovers()
-                log.info("killed the leftover session process (runc %d) after %.0f s",
+                log.info("killed the leftover session process (pid %d) after %.0f s",
                          self.pid, HANGUP_GRACE)
 
 
