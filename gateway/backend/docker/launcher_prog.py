@@ -8,9 +8,9 @@ runc's start-up (a Go runtime, ~40 ms of CPU) per session, and without a residen
 open session.
 
 This file is her container's `python3 -I -S -` program, sent on its stdin: it imports nothing
-of the gateway, and keeps to what Python 3.7 has.  It is her process like any other (she can kill it,
-trace it or replace the python3 it runs on): the gateway trusts nothing it says beyond her own
-sessions (launcher.py).
+of the gateway, and keeps to what Python 3.7 has.  It is her process like any other (she can
+kill it, trace it or replace the python3 it runs on): the gateway trusts nothing it says
+beyond her own sessions (launcher.py).
 
 Protocol, one JSON object per SOCK_SEQPACKET message on fd 3:
   gateway -> launcher: {"op": "start", "id", "argv", "env" (list of K=V), "cwd"} with her
