@@ -11,6 +11,7 @@ import contextlib
 import os
 import re
 import shlex
+import statistics
 import subprocess
 import time
 from dataclasses import dataclass
@@ -355,8 +356,11 @@ def parallel(rig: Rig, plan: Plan, res: Results) -> None:
             run(c.ssh(user, f"head -c {n} /dev/zero > {name}"), f"{c.name} parallel file",
                 timeout=600)
     spreads: dict[str, list[float]] = {}
+    busy: dict[str, list[float]] = {}  # the gateway process itself, share of one core
     for _ in range(plan.reps):
         for c in cs:
+            pid = rig.procs[c.name].pid if c.name != "plain" else None
+            cpu0 = _proc_table()[pid][2] if pid else 0.0
             procs, t0 = [], time.perf_counter()
             for i, (user, name) in enumerate(zip(users, names[c.name], strict=True)):
                 batch = rig.tmp / f"par-{c.name}-{i}.batch"
@@ -372,6 +376,9 @@ def parallel(rig: Rig, plan: Plan, res: Results) -> None:
                     raise BenchError(f"{c.name} parallel sftp get failed: {err.decode()[-300:]}")
             res.add("par_sftp_get", c.name, "MiB/s", len(users) * n / MIB / max(ends))
             spreads.setdefault(c.name, []).append(max(ends) / min(ends) - 1)
+            if pid:
+                busy.setdefault(c.name, []).append(
+                    (_proc_table()[pid][2] - cpu0) / max(ends))
     for c in cs:
         run(c.ssh(users[0], "rm -f " + " ".join(names[c.name])), f"{c.name} rm", timeout=60)
         for user in users[1:] if c.name != "plain" else []:
@@ -380,6 +387,10 @@ def parallel(rig: Rig, plan: Plan, res: Results) -> None:
                      "last download took longer than the first by " + ", ".join(
                          f"{name} {100 * max(v):.0f} %" for name, v in spreads.items())
                      + " (worst of the runs)")
+    if busy:  # one process: what is left of its core says whether a second would help here
+        res.notes.append("parallel sftp get: the gateway process itself was busy " + ", ".join(
+            f"{name} {100 * statistics.median(v):.0f} %" for name, v in busy.items())
+            + " of one core (median of the runs; its children and the clients not counted)")
 
 
 # --- 5. load ---------------------------------------------------------------------------------

@@ -15,7 +15,7 @@ import docker
 import pexpect
 import pytest
 
-from .conftest import GatewayProc, pubkey
+from .conftest import GatewayProc, pubkey, wait_for
 
 PROMPT = "DGW-PROMPT> "
 
@@ -373,15 +373,49 @@ def test_asyncssh_client_exec_signal_and_terminal(gateway: GatewayProc,
     asyncio.run(scenario())
 
 
+TRICKY = "printf '%s|' \"a'b\" 'c  d' \"$(printf 'x\\ny')\" \"$LANG\"; head -c 5; echo"
+
+
+def _tricky_exec(gateway: GatewayProc) -> None:
+    r = subprocess.run([*gateway.ssh_args("bob", None, "-o", "SendEnv=LANG"), TRICKY],
+                       input=b"12345rest", capture_output=True, timeout=60,
+                       env={"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8"})
+    assert r.returncode == 0, r.stderr
+    assert r.stdout == b"a'b|c  d|x\ny|C.UTF-8|12345\n"
+    assert r.stderr == b""
+
+
+def test_her_launcher_serves_the_next_exec_with_exact_argv_env_and_stdin(
+        make_gateway, docker_client: docker.DockerClient) -> None:
+    """On the direct path, once her session launcher answers (launcher.py), it forks her next
+    non-terminal sessions: exact argv, env and stdin; and no non-terminal spare waits then."""
+    gateway = make_gateway(process_path="direct")
+    gateway.start()
+    warm(gateway, "bob")
+    assert wait_for(lambda: "session launcher of bob ready" in gateway.log.read_text(), 30)
+    _tricky_exec(gateway)
+    assert gateway.log.read_text().count("session of bob forked by her launcher") == 1
+    c = docker_client.containers.get(gateway.container_name("bob"))
+    out = c.exec_run(["ps", "-eo", "pid,args"]).output.decode()
+    assert [ln for ln in out.splitlines() if "read -r dgw_h" in ln] == []
+
+
 @pytest.mark.parametrize("path", ["direct", "engine"])
 def test_prestarted_process_serves_the_next_exec(make_gateway, path: str,
                                                  docker_client: docker.DockerClient) -> None:
     """On either process path: after a session one spare waits; the next exec uses it with
-    exact argv, env and stdin."""
+    exact argv, env and stdin.  (The direct path uses spares while her launcher does not
+    answer: here she killed it.)"""
     gateway = make_gateway(process_path=path)
     gateway.start()
     warm(gateway, "bob")
     c = docker_client.containers.get(gateway.container_name("bob"))
+    if path == "direct":
+        assert wait_for(lambda: "session launcher of bob ready" in gateway.log.read_text(), 30)
+        warm(gateway, "bob")  # forked by it: no spare is made after it
+        c.exec_run(["pkill", "-f", "^python3 -I -S - dgw-launcher$"], user="bob")
+        assert wait_for(lambda: "session launcher of bob ended" in gateway.log.read_text(), 20)
+        warm(gateway, "bob")  # through runc: a spare is made after it
 
     def spares() -> list[str]:
         out = c.exec_run(["ps", "-eo", "pid,args"]).output.decode()
@@ -392,13 +426,7 @@ def test_prestarted_process_serves_the_next_exec(make_gateway, path: str,
         time.sleep(0.1)
     before = spares()
     assert len(before) == 1, before
-    tricky = "printf '%s|' \"a'b\" 'c  d' \"$(printf 'x\\ny')\" \"$LANG\"; head -c 5; echo"
-    r = subprocess.run([*gateway.ssh_args("bob", None, "-o", "SendEnv=LANG"), tricky],
-                       input=b"12345rest", capture_output=True, timeout=60,
-                       env={"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8"})
-    assert r.returncode == 0, r.stderr
-    assert r.stdout == b"a'b|c  d|x\ny|C.UTF-8|12345\n"
-    assert r.stderr == b""
+    _tricky_exec(gateway)
     deadline = time.monotonic() + 10
     while (len(spares()) != 1 or spares() == before) and time.monotonic() < deadline:
         time.sleep(0.1)
