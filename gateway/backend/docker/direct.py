@@ -148,9 +148,7 @@ class DirectExec:
             actions = [(os.POSIX_SPAWN_DUP2, in_r, 0), (os.POSIX_SPAWN_DUP2, null, 1),
                        (os.POSIX_SPAWN_DUP2, log_w, 2), (os.POSIX_SPAWN_DUP2, high, 3),
                        (os.POSIX_SPAWN_DUP2, memfd, SPEC_FD)]
-            pid = os.posix_spawn(self.runc, [*self._cmd(), "--preserve-fds", "1",  # noqa: ASYNC221
-                                             container_id], _spawn_env(),
-                                 file_actions=actions, setsigdef=_DEFAULT_SIGNALS)
+            pid = self._spawn([*self._cmd(), "--preserve-fds", "1", container_id], actions)
             for fd in (log_w, in_r, high, null):
                 os.close(fd)
                 ends.remove(fd)
@@ -158,12 +156,15 @@ class DirectExec:
             await proc.attach(write_fd=-1, read_fds=(), log_fd=log_r)
             return proc
         except BaseException:
-            for fd in ends:
-                with contextlib.suppress(OSError):
-                    os.close(fd)
+            _close_quietly(ends)
             raise
         finally:
             os.close(memfd)
+
+    def _spawn(self, argv: list[str], actions: list[tuple[int, int, int]]) -> int:
+        """runc, as posix_spawn (vfork + exec) starts it: back once it runs, well under 1 ms."""
+        return os.posix_spawn(self.runc, argv, _spawn_env(), file_actions=actions,
+                              setsigdef=_DEFAULT_SIGNALS)
 
     async def _start_pipes(self, cmd: list[str], container_id: str,
                            memfd: int) -> DirectProcess:
@@ -185,10 +186,7 @@ class DirectExec:
                        (os.POSIX_SPAWN_DUP2, log_w, 2)]
             actions += [(os.POSIX_SPAWN_DUP2, fd, 3 + i) for i, fd in enumerate(high)]
             actions.append((os.POSIX_SPAWN_DUP2, memfd, SPEC_FD))
-            # posix_spawn is vfork + exec: it returns once runc is running, in well under 1 ms
-            pid = os.posix_spawn(self.runc, [*cmd, "--preserve-fds", "3",  # noqa: ASYNC221
-                                             container_id], _spawn_env(),
-                                 file_actions=actions, setsigdef=_DEFAULT_SIGNALS)
+            pid = self._spawn([*cmd, "--preserve-fds", "3", container_id], actions)
             for fd in (in_r, out_w, err_w, log_w, null, *high):
                 os.close(fd)
                 ends.remove(fd)
@@ -196,9 +194,7 @@ class DirectExec:
             await proc.attach(write_fd=in_w, read_fds=((1, out_r), (2, err_r)), log_fd=log_r)
             return proc
         except BaseException:
-            for fd in ends:
-                with contextlib.suppress(OSError):
-                    os.close(fd)
+            _close_quietly(ends)
             raise
 
     async def _start_tty(self, cmd: list[str], container_id: str, memfd: int,
@@ -241,6 +237,12 @@ class DirectExec:
         await proc.attach(write_fd=os.dup(master), read_fds=((1, os.dup(master)),),
                           log_fd=log_r)
         return proc
+
+
+def _close_quietly(fds: list[int]) -> None:
+    for fd in fds:
+        with contextlib.suppress(OSError):
+            os.close(fd)
 
 
 def grow_pipe(fd: int) -> None:
