@@ -10,12 +10,14 @@ from __future__ import annotations
 import hashlib
 import re
 import secrets
+import shlex
 import subprocess
 from pathlib import Path
 
 import pytest
 
 from ..conftest import free_port, wait_for
+from ..test_direct import PROBE
 from ..test_isolation import PROBE_IMAGE, REWRITE
 from ..test_workflow import PYWEB
 from .conftest import Guest, VMGateway, scaled, vm_users
@@ -64,6 +66,23 @@ def test_killed_by_a_signal_ends_as_with_sshd(vmgw: VMGateway) -> None:
     assert (r.returncode, r.stdout) == (255, b"before\n"), r.stderr
     r = vmgw.ssh("alice", "exit 143", timeout=scaled(30))
     assert r.returncode == 143, r.stderr
+
+
+def test_her_launcher_forks_sessions_as_docker_exec_makes_them(vmgw: VMGateway) -> None:
+    """Under AppArmor and cgroup v2 too: once her session launcher answers (launcher.py), a
+    session it forks is, line for line of the probe (AppArmor label, capability sets,
+    seccomp, no_new_privs, cgroup, namespaces, rlimits), what `docker exec -u alice` makes."""
+    assert vmgw.ssh("alice", "true", timeout=scaled(90)).returncode == 0
+    assert wait_for(lambda: "session launcher of alice ready" in vmgw.tail(2000), scaled(30)), \
+        vmgw.tail()
+    forked = vmgw.tail(5000).count("session of alice forked by her launcher")
+    r = vmgw.ssh("alice", PROBE, timeout=scaled(30))
+    assert r.returncode == 0, r.stderr
+    assert vmgw.tail(5000).count("session of alice forked by her launcher") == forked + 1
+    engine = vmgw.guest.run(f"docker exec -u alice {vmgw.container_name('alice')} "
+                            f"sh -c {shlex.quote(PROBE)}")
+    assert r.stdout.decode().splitlines() == engine.splitlines()
+    assert "apparmor dgw-rootless (enforce)" in r.stdout.decode(), r.stdout
 
 
 def test_caps_in_the_cgroup_v2_files(vmgw: VMGateway) -> None:
