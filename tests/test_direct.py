@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import random
 import re
+import resource
 import subprocess
 import sys
 import time
@@ -148,6 +149,35 @@ def test_later_sessions_are_forked_by_her_launcher_as_docker_exec_makes_them(
                     60)
     assert gw.ssh("alice", "true").returncode == 0
     assert gw.log.read_text().count("forked by her launcher") == forked + 1
+
+
+def test_her_limits_are_the_engines_not_the_gateways(
+        make_gateway, docker_client: docker.DockerClient) -> None:
+    """rlimits the container's spec leaves out are inherited: a `docker exec` gets the
+    engine's, so a session must too, whatever the gateway runs with (under systemd its core
+    size is 0, dockerd's unlimited; found on the modern host).  The gateway here starts with
+    a smaller stack and no core files; through runc and through her launcher she gets the
+    engine's."""
+    gw = make_gateway()
+    probe = "ulimit -Ss; ulimit -Sc"
+    saved = {r: resource.getrlimit(r) for r in (resource.RLIMIT_STACK, resource.RLIMIT_CORE)}
+    resource.setrlimit(resource.RLIMIT_STACK, (4096 * 1024, saved[resource.RLIMIT_STACK][1]))
+    resource.setrlimit(resource.RLIMIT_CORE, (0, saved[resource.RLIMIT_CORE][1]))
+    try:
+        gw.start()  # inherits them
+    finally:
+        for r, limits in saved.items():
+            resource.setrlimit(r, limits)
+    first = gw.ssh("alice", probe)  # through runc: her launcher starts beside it
+    assert first.returncode == 0, first.stderr
+    container = docker_client.containers.get(gw.container_name("alice"))
+    code, engine = container.exec_run(["sh", "-c", probe], user="alice")
+    assert code == 0 and engine.split()[0] != b"4096", engine
+    assert first.stdout == engine
+    assert wait_for(lambda: "session launcher of alice ready" in gw.log.read_text(), 30)
+    launched = gw.ssh("alice", probe)
+    assert "forked by her launcher" in gw.log.read_text()
+    assert launched.stdout == engine
 
 
 def test_engine_path_when_asked(make_gateway, docker_client: docker.DockerClient) -> None:

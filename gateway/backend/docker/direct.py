@@ -31,6 +31,7 @@ import logging
 import os
 import pty
 import re
+import resource
 import shutil
 import signal as signals
 import struct
@@ -98,7 +99,10 @@ class DirectExec:
         state = json.loads(Path(self.root, container_id, "state.json").read_text())
         bundle = next(label.split("=", 1)[1] for label in state["config"]["labels"]
                       if label.startswith("bundle="))
-        return json.loads(Path(bundle, "config.json").read_text())["process"]
+        process = json.loads(Path(bundle, "config.json").read_text())["process"]
+        process["rlimits"] = engine_rlimits(state.get("init_process_pid"),
+                                            process.get("rlimits") or [])
+        return process
 
     async def start(self, container_id: str, base: dict[str, Any], who: Identity,
                     argv: list[str], env: dict[str, str], workdir: str, tty: bool,
@@ -237,6 +241,46 @@ class DirectExec:
         await proc.attach(write_fd=os.dup(master), read_fds=((1, os.dup(master)),),
                           log_fd=log_r)
         return proc
+
+
+_U64_MAX = (1 << 64) - 1
+# the names runc knows (RLIMIT_OFILE is Python's alias of NOFILE: runc would refuse it)
+_RLIMITS = [name for name in ("RLIMIT_AS", "RLIMIT_CORE", "RLIMIT_CPU", "RLIMIT_DATA",
+                              "RLIMIT_FSIZE", "RLIMIT_LOCKS", "RLIMIT_MEMLOCK", "RLIMIT_MSGQUEUE",
+                              "RLIMIT_NICE", "RLIMIT_NOFILE", "RLIMIT_NPROC", "RLIMIT_RSS",
+                              "RLIMIT_RTPRIO", "RLIMIT_RTTIME", "RLIMIT_SIGPENDING",
+                              "RLIMIT_STACK") if hasattr(resource, name)]
+
+
+def engine_rlimits(init_pid: object, given: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The spec's rlimits, plus every other limit as a `docker exec` gets it: inherited from
+    the engine's shim (the parent of her container's init), not from the gateway (under
+    systemd the gateway's core size is 0, dockerd's unlimited: found on the modern host).
+    Capped at the gateway's own hard limits: raising one needs CAP_SYS_RESOURCE, which some
+    hosts deny even root, and runc would then fail her session."""
+    named = {r.get("type") for r in given}
+    try:
+        stat = Path(f"/proc/{int(init_pid)}/stat").read_text()  # type: ignore[call-overload]
+        shim = int(stat.rsplit(")", 1)[1].split()[1])
+    except (OSError, TypeError, ValueError, IndexError):
+        return given
+    out = list(given)
+    for name in _RLIMITS:
+        if name in named:
+            continue
+        which = getattr(resource, name)
+        try:
+            soft, hard = (_u64(v) for v in resource.prlimit(shim, which))
+            own_hard = _u64(resource.getrlimit(which)[1])
+        except (OSError, ValueError):
+            continue
+        hard = min(hard, own_hard)
+        out.append({"type": name, "hard": hard, "soft": min(soft, hard)})
+    return out
+
+
+def _u64(value: int) -> int:
+    return _U64_MAX if value == resource.RLIM_INFINITY or value < 0 else value
 
 
 def _close_quietly(fds: list[int]) -> None:
