@@ -256,8 +256,8 @@ def engine_rlimits(init_pid: object, given: list[dict[str, Any]]) -> list[dict[s
     """The spec's rlimits, plus every other limit as a `docker exec` gets it: inherited from
     the engine's shim (the parent of her container's init), not from the gateway (under
     systemd the gateway's core size is 0, dockerd's unlimited: found on the modern host).
-    Capped at the gateway's own hard limits: raising one needs CAP_SYS_RESOURCE, which some
-    hosts deny even root, and runc would then fail her session."""
+    Where the gateway lacks CAP_SYS_RESOURCE (some hosts deny it even root), capped at its
+    own hard limits: runc could not raise them and would fail her session."""
     named = {r.get("type") for r in given}
     try:
         stat = Path(f"/proc/{int(init_pid)}/stat").read_text()  # type: ignore[call-overload]
@@ -265,6 +265,7 @@ def engine_rlimits(init_pid: object, given: list[dict[str, Any]]) -> list[dict[s
     except (OSError, TypeError, ValueError, IndexError):
         return given
     out = list(given)
+    can_raise = _has_cap(24)  # CAP_SYS_RESOURCE
     for name in _RLIMITS:
         if name in named:
             continue
@@ -274,9 +275,21 @@ def engine_rlimits(init_pid: object, given: list[dict[str, Any]]) -> list[dict[s
             own_hard = _u64(resource.getrlimit(which)[1])
         except (OSError, ValueError):
             continue
-        hard = min(hard, own_hard)
+        if not can_raise:
+            hard = min(hard, own_hard)
         out.append({"type": name, "hard": hard, "soft": min(soft, hard)})
     return out
+
+
+def _has_cap(bit: int) -> bool:
+    """The gateway's effective capability set has this one (/proc/self/status CapEff)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("CapEff:"):
+                return bool(int(line.split()[1], 16) >> bit & 1)
+    except (OSError, ValueError):
+        pass
+    return False
 
 
 def _u64(value: int) -> int:
