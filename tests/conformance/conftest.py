@@ -77,6 +77,15 @@ def k8s_cluster() -> Iterator[Cluster]:
             subprocess.run([*script, "down"], capture_output=True, timeout=300)
 
 
+def on_cluster(gw: GatewayProc, cluster: Cluster) -> None:
+    """Point a gateway at the cluster, in a namespace of its own (named by its prefix)."""
+    gw.settings["kubernetes"] = {"kubeconfig": str(cluster.kubeconfig),
+                                 "namespace": gw.prefix, "host_path": K8S_HOST_PATH,
+                                 "image_pull_policy": "Never", "home_size": "1g",
+                                 "docker_size": "2g"}
+    cluster.kubectl("create", "namespace", gw.prefix)
+
+
 @contextlib.contextmanager
 def backend_for(request: pytest.FixtureRequest, kind: str,
                 make: Callable[[dict[str, object]], InProcessGateway]
@@ -90,11 +99,7 @@ def backend_for(request: pytest.FixtureRequest, kind: str,
         extra = {"security_profile": "privileged"}
     gw = make(extra)
     if cluster is not None:
-        gw.settings["kubernetes"] = {"kubeconfig": str(cluster.kubeconfig),
-                                     "namespace": gw.prefix, "host_path": K8S_HOST_PATH,
-                                     "image_pull_policy": "Never", "home_size": "1g",
-                                     "docker_size": "2g"}
-        cluster.kubectl("create", "namespace", gw.prefix)
+        on_cluster(gw, cluster)
     try:
         gw.start()
         yield gw

@@ -20,7 +20,7 @@ from gateway.backend import BackendError, Limits
 from gateway.backend.kubernetes import KubeClient, KubernetesBackend
 
 from ..conftest import ROOT, GatewayProc
-from .conftest import BACKENDS, K8S_HOST_PATH, Cluster, InProcessGateway
+from .conftest import BACKENDS, K8S_HOST_PATH, Cluster, InProcessGateway, on_cluster
 
 pytestmark = pytest.mark.skipif("kubernetes" not in BACKENDS,
                                 reason="the kubernetes backend is not selected")
@@ -59,11 +59,7 @@ def _served(k8s_cluster: Cluster, tmp_path: Path, keys: dict[str, Path]) -> Iter
     """`dind-gateway serve` on the cluster, in a namespace of its own, alice logged in once;
     everything it made is removed afterwards."""
     gw = GatewayProc(tmp_path, keys, backend="kubernetes", security_profile="privileged")
-    gw.settings["kubernetes"] = {"kubeconfig": str(k8s_cluster.kubeconfig),
-                                 "namespace": gw.prefix, "host_path": K8S_HOST_PATH,
-                                 "image_pull_policy": "Never", "home_size": "1g",
-                                 "docker_size": "2g"}
-    k8s_cluster.kubectl("create", "namespace", gw.prefix)
+    on_cluster(gw, k8s_cluster)
     try:
         gw.start()
         first = gw.ssh("alice", "true", timeout=300)

@@ -324,21 +324,27 @@ class DockerBackend(Backend):
         ready = self._ready.get(user)
         if ready is None or self.direct is None:
             return None
-        launcher = self._launchers.get(user)
-        if launcher is not None and (launcher.key != ready or not launcher.alive):
-            self._launchers.pop(user).close()
-            launcher = None
+        launcher = self._live_launcher(user, ready)
         if launcher is None:
             if self._launch_tried.get(user) != ready and self.direct.knows(ready[0]):
                 self._launch_tried[user] = ready
                 background(self._start_launcher(user, ready))
             return None
-        who, base = await self._identity(user, ready)
+        _, base = await self._identity(user, ready)
         proc = await launcher.spawn(argv, merge_env(base.get("env") or [], env), workdir)
         if proc is None:
             return None
         log.debug("session of %s forked by her launcher (pid %d)", user, proc.pid)
         return self._direct_session(proc, user, pidfile)
+
+    def _live_launcher(self, user: str, ready: tuple[str, str]) -> Launcher | None:
+        """Her launcher if it answers for this very container start (a dead or stale one is
+        closed and forgotten)."""
+        launcher = self._launchers.get(user)
+        if launcher is not None and (launcher.key != ready or not launcher.alive):
+            self._launchers.pop(user).close()
+            launcher = None
+        return launcher
 
     async def _start_launcher(self, user: str, ready: tuple[str, str]) -> None:
         """Best effort, never raises: without a launcher her sessions start through runc."""
@@ -371,8 +377,7 @@ class DockerBackend(Backend):
         key = (user, tty)
         if key in self._direct_spares or ready is None or self.direct is None:
             return
-        launcher = self._launchers.get(user)
-        if not tty and launcher is not None and launcher.alive and launcher.key == ready:
+        if not tty and self._live_launcher(user, ready) is not None:
             return  # her launcher starts these
         argv = PTY_SPARE_ARGV if tty else SPARE_ARGV
         try:
